@@ -1,0 +1,62 @@
+// All bmc_fast operator schemas. Kernels register per backend in csrc/cpu/<op>.cpp and
+// csrc/cuda/<op>.cu; fake kernels and autograd live in bmc_fast/ops/<op>.py.
+//
+// Conventions shared by every op:
+// * Inputs may be float32, float16, bfloat16 or float64; accumulation is float32 (float64 for
+//   float64). The loss has the dtype of the first input.
+// * `compute_grad=true` makes the forward also return the gradient of the (reduced) loss with
+//   respect to the first input; the backward only scales it by grad_output. With false the
+//   gradient output is an empty tensor of the input's dtype.
+// * `reduction` is "none", "sum" or "mean". Every reduction is done in a fixed order, so the
+//   result has the same bits for any thread count and run after run.
+// * Data-dependent argument checks (ids, labels, ranges, finiteness of weights) are done here,
+//   in the kernels, and raise ValueError naming the argument.
+#include <torch/library.h>
+
+TORCH_LIBRARY(bmc_fast, m) {
+  m.set_python_module("bmc_fast.ops");
+
+  // expert, base: [K, ...] same shape and dtype. weights: [K] or None (all ones).
+  // per_expert[k] = mean over ... of (expert[k] - base[k])^2  (accumulation dtype, unweighted).
+  // loss: "none" -> [K] = weights * per_expert; "sum" -> scalar; "mean" -> sum / K.
+  // grad_expert: d loss / d expert (d loss / d base is its negative).
+  m.def(
+      "stability_loss(Tensor expert, Tensor base, Tensor? weights, str reduction, "
+      "bool compute_grad) -> (Tensor loss, Tensor grad_expert, Tensor per_expert)");
+
+  // expert_params: [K, P]; base_params: [P]; importance: [P] (>= 0) or None; weights: [K] or None.
+  // per_expert[k] = sum_p importance[p] * (expert_params[k, p] - base_params[p])^2 (unweighted).
+  // loss and reductions as stability_loss.
+  m.def(
+      "weight_stability_loss(Tensor expert_params, Tensor base_params, Tensor? importance, "
+      "Tensor? weights, str reduction, bool compute_grad) "
+      "-> (Tensor loss, Tensor grad_expert, Tensor per_expert)");
+
+  // student, teacher: [N, ...] same shape and dtype; expert_ids: int32/int64 [N] in
+  // [0, num_experts) (need not be sorted); weights: [num_experts] or None.
+  // per_expert[j] = mean over the samples of expert j of mean over ... of (student - teacher)^2;
+  // an expert with no sample gives 0. "none" -> [num_experts]; "sum" -> sum_j weights[j] *
+  // per_expert[j]; "mean" -> that sum divided by the number of experts with at least one sample
+  // (0 when there is none). Per-sample terms are reduced per expert in sample order.
+  m.def(
+      "batched_distillation_loss(Tensor student, Tensor teacher, Tensor expert_ids, "
+      "int num_experts, Tensor? weights, str reduction, bool compute_grad) "
+      "-> (Tensor loss, Tensor grad_student, Tensor per_expert)");
+
+  // logits: [N, C]; labels, task_offset, task_len: integer [N], labels global.
+  // row i: logsumexp(logits[i, o:o+l]) - logits[i, y]; requires 0 <= o, l >= 1, o + l <= C,
+  // o <= y < o + l. Rows with y == ignore_index give 0 and are not counted by "mean"
+  // ("mean" of no counted row is NaN, as in torch.nn.functional.cross_entropy).
+  m.def(
+      "task_masked_cross_entropy(Tensor logits, Tensor labels, Tensor task_offset, "
+      "Tensor task_len, str reduction, int ignore_index, bool compute_grad) "
+      "-> (Tensor loss, Tensor grad_logits)");
+
+  // student_logits, teacher_logits: [N, C]; task_offset, task_len: integer [N]; temperature > 0.
+  // row i: tau^2 * KL(softmax(teacher/tau) || softmax(student/tau)) over [o, o + l), with
+  // 0 * log 0 = 0. "mean" divides the sum by N.
+  m.def(
+      "task_masked_kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor task_offset, "
+      "Tensor task_len, float temperature, str reduction, bool compute_grad) "
+      "-> (Tensor loss, Tensor grad_student)");
+}
