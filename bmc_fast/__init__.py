@@ -1,1 +1,26 @@
+"""bmc_fast: Batch Model Consolidation for continual learning, with fused CPU/CUDA losses."""
+import torch  # noqa: F401  (loads libtorch before the extension, which has no RPATH to it)
 
+from . import _ext
+from ._ext import backend_info
+from .ops import (
+    batched_distillation_loss,
+    stability_loss,
+    task_masked_cross_entropy,
+    task_masked_kd_loss,
+    weight_stability_loss,
+)
+from . import nn, reference  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "stability_loss",
+    "weight_stability_loss",
+    "batched_distillation_loss",
+    "task_masked_cross_entropy",
+    "task_masked_kd_loss",
+    "backend_info",
+    "nn",
+    "reference",
+]

@@ -1,0 +1,97 @@
+"""Loads the compiled extension ``bmc_fast._C`` and decides, per call, kernel or reference.
+
+Never imported by the Python-only modules (data, buffers, experts, trainer), so those work
+without a compiled extension.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_C = None
+LOAD_ERROR: BaseException | None = None
+try:
+    from . import _C  # noqa: F811  (registers torch.ops.bmc_fast.*)
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    LOAD_ERROR = exc
+
+REQUIRE = os.environ.get("BMC_FAST_REQUIRE_EXTENSION", "") not in ("", "0")
+
+if _C is not None:
+    _built = _C.torch_version().split("+")[0].split(".")[:2]
+    _running = torch.__version__.split("+")[0].split(".")[:2]
+    if _built != _running:
+        LOAD_ERROR = ImportError(
+            f"bmc_fast._C was built against torch {_C.torch_version()} but torch {torch.__version__} "
+            "is installed: rebuild with `pip install --no-build-isolation .`"
+        )
+        _C = None
+    elif _C.cuda_built() and torch.version.cuda is not None:
+        if _C.cuda_version().split(".")[0] != torch.version.cuda.split(".")[0]:
+            LOAD_ERROR = ImportError(
+                f"bmc_fast._C was built with CUDA {_C.cuda_version()} but torch uses CUDA "
+                f"{torch.version.cuda}: rebuild with `pip install --no-build-isolation .`"
+            )
+            _C = None
+
+HAVE_EXTENSION = _C is not None
+CUDA_BUILT = bool(_C is not None and _C.cuda_built())
+
+if not HAVE_EXTENSION:
+    if REQUIRE:
+        raise ImportError(
+            f"bmc_fast: the compiled extension is required (BMC_FAST_REQUIRE_EXTENSION=1) but "
+            f"could not be loaded: {LOAD_ERROR}"
+        ) from LOAD_ERROR
+    warnings.warn(
+        f"bmc_fast: the compiled extension could not be loaded ({LOAD_ERROR}); every loss runs its "
+        "slow pure-PyTorch reference. Reinstall with `pip install --no-build-isolation .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+_warned: set[str] = set()
+
+
+def use_kernel(op: str, t: torch.Tensor) -> bool:
+    """True when the fused kernel of ``op`` can run on ``t``'s device; else warns once (or raises
+    under BMC_FAST_REQUIRE_EXTENSION=1) and the caller runs the reference."""
+    dev = t.device.type
+    if HAVE_EXTENSION and (dev in ("cpu", "meta") or (dev == "cuda" and CUDA_BUILT)):
+        return True
+    why = "the extension is not loaded" if not HAVE_EXTENSION else f"it was built without {dev} kernels"
+    if REQUIRE:
+        raise RuntimeError(f"bmc_fast.{op}: no fused kernel for {dev} tensors ({why})")
+    if op not in _warned:
+        _warned.add(op)
+        warnings.warn(
+            f"bmc_fast.{op}: running the pure-PyTorch reference on {dev} because {why}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def backend_info() -> dict:
+    """What was compiled and what runs: CPU kernel build, CUDA, versions, architectures."""
+    if _C is None:
+        return {
+            "extension": False,
+            "error": str(LOAD_ERROR),
+            "cpu": False,
+            "cuda": False,
+            "torch": torch.__version__,
+        }
+    return {
+        "extension": True,
+        "cpu": True,
+        "cpu_capability": _C.cpu_capability(),
+        "cuda": _C.cuda_built(),
+        "cuda_version": _C.cuda_version() or None,
+        "cuda_archs": _C.cuda_archs().split(";") if _C.cuda_archs() else [],
+        "built_with_torch": _C.torch_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+    }

@@ -1,0 +1,208 @@
+"""Argument checks shared by the fused ops and their references.
+
+Static checks (types, dtypes, shapes, devices, options) only read metadata, so they are free and
+safe under ``torch.compile``. Data-dependent checks (ids and labels in range, finite weights) are
+done by the C++ kernels; the references do them eagerly with the ``check_*_values`` functions.
+Every error names the argument.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+REDUCTIONS = ("none", "sum", "mean")
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def floating(x, name: str) -> torch.Tensor:
+    tensor(x, name)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}")
+    return x
+
+
+def integer(x, name: str) -> torch.Tensor:
+    tensor(x, name)
+    if x.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {x.dtype}")
+    return x
+
+
+def same_dtype(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+
+
+def same_device(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+
+
+def shape(x: torch.Tensor, expected, name: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {list(expected)}, got {list(x.shape)}")
+
+
+def reduction(r) -> str:
+    if not isinstance(r, str) or r not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {r!r}")
+    return r
+
+
+def positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return int(v)
+
+
+def temperature(t) -> float:
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise TypeError(f"temperature must be a float, got {type(t).__name__}")
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {t}")
+    return float(t)
+
+
+def optional_weights(w, k: int, ref: torch.Tensor, name: str = "weights") -> None:
+    if w is None:
+        return
+    floating(w, name)
+    same_device(w, ref, name, "the inputs")
+    shape(w, (k,), name)
+
+
+def per_row_index(v, n: int, ref: torch.Tensor, name: str) -> torch.Tensor:
+    """An integer tensor [n], or a Python int broadcast to one."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return torch.full((n,), int(v), dtype=torch.int64, device=ref.device)
+    integer(v, name)
+    same_device(v, ref, name, "the inputs")
+    shape(v, (n,), name)
+    return v
+
+
+# ---- data-dependent checks, eager only (references) -------------------------------------------
+
+def check_finite_weights(w, name: str = "weights") -> None:
+    if w is not None and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} must be finite")
+
+
+def check_ids(ids: torch.Tensor, num_experts: int) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        raise ValueError(f"expert_ids must be in [0, num_experts={num_experts})")
+
+
+def check_importance(imp) -> None:
+    if imp is not None and not bool(((imp >= 0) & torch.isfinite(imp)).all()):
+        raise ValueError("importance must be finite and >= 0")
+
+
+def check_ranges(offset: torch.Tensor, length: torch.Tensor, c: int) -> None:
+    if offset.numel() == 0:
+        return
+    if int(offset.min()) < 0:
+        raise ValueError("task_offset must be >= 0")
+    if int(length.min()) < 1:
+        raise ValueError("task_len must be >= 1")
+    if int((offset + length).max()) > c:
+        raise ValueError(f"task_offset + task_len must be <= the number of classes {c}")
+
+
+def check_labels(labels, offset, length, ignore_index: int) -> None:
+    keep = labels != ignore_index
+    bad = keep & ((labels < offset) | (labels >= offset + length))
+    if bool(bad.any()):
+        raise ValueError("labels must lie in their task range [task_offset, task_offset + task_len)")
+
+
+# ---- per-op static checks (shared by bmc_fast.ops and bmc_fast.reference) ----------------------
+
+def stability_args(expert, base, weights, red) -> None:
+    floating(expert, "expert")
+    floating(base, "base")
+    same_dtype(base, expert, "base", "expert")
+    same_device(base, expert, "base", "expert")
+    if expert.dim() < 1:
+        raise ValueError("expert must have shape [K, ...], got a scalar")
+    shape(base, expert.shape, "base")
+    optional_weights(weights, expert.shape[0], expert)
+    reduction(red)
+
+
+def weight_stability_args(expert_params, base_params, importance, weights, red) -> None:
+    floating(expert_params, "expert_params")
+    floating(base_params, "base_params")
+    same_dtype(base_params, expert_params, "base_params", "expert_params")
+    same_device(base_params, expert_params, "base_params", "expert_params")
+    if expert_params.dim() != 2:
+        raise ValueError(f"expert_params must have shape [K, P], got {list(expert_params.shape)}")
+    k, p = expert_params.shape
+    shape(base_params, (p,), "base_params")
+    if importance is not None:
+        floating(importance, "importance")
+        same_device(importance, expert_params, "importance", "expert_params")
+        shape(importance, (p,), "importance")
+    optional_weights(weights, k, expert_params)
+    reduction(red)
+
+
+def distillation_args(student, teacher, expert_ids, num_experts, weights, red) -> int:
+    floating(student, "student")
+    floating(teacher, "teacher")
+    same_dtype(teacher, student, "teacher", "student")
+    same_device(teacher, student, "teacher", "student")
+    if student.dim() < 1:
+        raise ValueError("student must have shape [N, ...], got a scalar")
+    shape(teacher, student.shape, "teacher")
+    integer(expert_ids, "expert_ids")
+    same_device(expert_ids, student, "expert_ids", "student")
+    shape(expert_ids, (student.shape[0],), "expert_ids")
+    e = positive_int(num_experts, "num_experts")
+    optional_weights(weights, e, student)
+    reduction(red)
+    return e
+
+
+def masked_logits_args(logits, name: str) -> None:
+    floating(logits, name)
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must have shape [N, C], got {list(logits.shape)}")
+
+
+def cross_entropy_args(logits, labels, task_offset, task_len, red, ignore_index):
+    masked_logits_args(logits, "logits")
+    n = logits.shape[0]
+    integer(labels, "labels")
+    same_device(labels, logits, "labels", "logits")
+    shape(labels, (n,), "labels")
+    off = per_row_index(task_offset, n, logits, "task_offset")
+    ln = per_row_index(task_len, n, logits, "task_len")
+    reduction(red)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return off, ln
+
+
+def kd_args(student_logits, teacher_logits, task_offset, task_len, tau, red):
+    masked_logits_args(student_logits, "student_logits")
+    floating(teacher_logits, "teacher_logits")
+    same_dtype(teacher_logits, student_logits, "teacher_logits", "student_logits")
+    same_device(teacher_logits, student_logits, "teacher_logits", "student_logits")
+    shape(teacher_logits, student_logits.shape, "teacher_logits")
+    n = student_logits.shape[0]
+    off = per_row_index(task_offset, n, student_logits, "task_offset")
+    ln = per_row_index(task_len, n, student_logits, "task_len")
+    temperature(tau)
+    reduction(red)
+    return off, ln

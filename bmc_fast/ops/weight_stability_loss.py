@@ -1,0 +1,85 @@
+"""weight_stability_loss: keeps K experts' parameters near the base model's ("weight similarity")."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext, _validate, reference
+from ._common import acc_dtype, grad_like, loss_like, scale_rows
+
+OP = "bmc_fast::weight_stability_loss"
+
+
+def weight_stability_loss(expert_params: torch.Tensor, base_params: torch.Tensor,
+                          importance: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                          reduction: str = "sum") -> torch.Tensor:
+    r"""Multi-expert weight-space stability loss.
+
+    .. math:: L_k = w_k \sum_p I_p (\theta_{k,p} - \theta_{\mathrm{base},p})^2
+
+    Args:
+        expert_params: ``[K, P]`` flattened parameters of K experts (see
+            :func:`bmc_fast.experts.flat_params`).
+        base_params: ``[P]`` the base model's parameters, same dtype.
+        importance: optional ``[P]`` non-negative per-parameter importance (e.g. a Fisher
+            diagonal); 1 when omitted.
+        weights: optional ``[K]`` per-expert weights.
+        reduction: ``"sum"`` (default), ``"mean"`` over experts, or ``"none"`` (``[K]``).
+
+    Differentiable in every floating input (first order only).
+    """
+    _validate.weight_stability_args(expert_params, base_params, importance, weights, reduction)
+    if not _ext.use_kernel("weight_stability_loss", expert_params):
+        return reference.weight_stability_loss(expert_params, base_params, importance, weights, reduction)
+    compute_grad = torch.is_grad_enabled() and (expert_params.requires_grad or base_params.requires_grad)
+    return torch.ops.bmc_fast.weight_stability_loss(
+        expert_params, base_params, importance, weights, reduction, compute_grad)[0]
+
+
+def _weight_stability_loss_fake(expert_params, base_params, importance, weights, reduction, compute_grad):
+    k = expert_params.shape[0]
+    return (loss_like(expert_params, k, reduction), grad_like(expert_params, compute_grad),
+            expert_params.new_empty((k,), dtype=acc_dtype(expert_params.dtype)))
+
+
+def _weight_stability_loss_setup_context(ctx, inputs, output):
+    expert_params, base_params, importance, weights, reduction, _ = inputs
+    _, grad, per_expert = output
+    ctx.reduction = reduction
+    ctx.k = expert_params.shape[0]
+    ctx.has_importance = importance is not None
+    ctx.has_weights = weights is not None
+    ctx.mark_non_differentiable(grad, per_expert)
+    ctx.save_for_backward(grad, per_expert, expert_params, base_params, importance, weights)
+
+
+def _expert_factors(ctx, grad_loss, weights, dtype):
+    """Per-expert d loss / d L_k times the upstream gradient: [K]."""
+    g = grad_loss.to(dtype).expand(ctx.k) if ctx.reduction != "none" else grad_loss.to(dtype)
+    if ctx.reduction == "mean":
+        g = g / max(ctx.k, 1)
+    return g if weights is None else g * weights.to(dtype)
+
+
+def _weight_stability_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_expert):
+    grad, per_expert, expert_params, base_params, importance, weights = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    g_expert = g_base = g_imp = g_weights = None
+    if needs[0] or needs[1]:
+        scaled = scale_rows(grad, grad_loss, ctx.reduction)
+        g_expert = scaled if needs[0] else None
+        g_base = -scaled.sum(0) if needs[1] else None
+    if ctx.has_importance and needs[2]:
+        acc = per_expert.dtype
+        f = _expert_factors(ctx, grad_loss, weights, acc)
+        d = expert_params.to(acc) - base_params.to(acc)
+        g_imp = (f[:, None] * d * d).sum(0).to(importance.dtype)
+    if ctx.has_weights and needs[3]:
+        g = per_expert * _expert_factors(ctx, grad_loss, None, per_expert.dtype)
+        g_weights = g.to(weights.dtype)
+    return g_expert, g_base, g_imp, g_weights, None, None
+
+
+if _ext.HAVE_EXTENSION:
+    torch.library.register_fake(OP)(_weight_stability_loss_fake)
+    torch.library.register_autograd(OP, _weight_stability_loss_backward,
+                                    setup_context=_weight_stability_loss_setup_context)

@@ -1,0 +1,122 @@
+"""Pure-PyTorch references of every bmc_fast loss: the same signatures and semantics as the
+fused ops, computed in float32 (float64 for float64 inputs) and returned in the input's dtype.
+
+They are the test oracle and the ``eager`` baseline of the benchmarks, and run when the compiled
+extension is missing. Written for clarity, not speed.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _validate as v
+
+__all__ = [
+    "stability_loss",
+    "weight_stability_loss",
+    "batched_distillation_loss",
+    "task_masked_cross_entropy",
+    "task_masked_kd_loss",
+    "masked_log_softmax",
+]
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _reduce_experts(terms: torch.Tensor, reduction: str, count) -> torch.Tensor:
+    if reduction == "none":
+        return terms
+    total = terms.sum()
+    if reduction == "mean":
+        total = total / count if count > 0 else total * 0
+    return total
+
+
+def stability_loss(expert, base, weights=None, reduction="sum"):
+    v.stability_args(expert, base, weights, reduction)
+    v.check_finite_weights(weights)
+    acc = _acc(expert)
+    k = expert.shape[0]
+    d = (expert.to(acc) - base.to(acc)).reshape(k, -1)
+    per = d.pow(2).sum(1) / max(d.shape[1], 1)
+    if weights is not None:
+        per = per * weights.to(acc)
+    return _reduce_experts(per, reduction, k).to(expert.dtype)
+
+
+def weight_stability_loss(expert_params, base_params, importance=None, weights=None, reduction="sum"):
+    v.weight_stability_args(expert_params, base_params, importance, weights, reduction)
+    v.check_importance(importance)
+    v.check_finite_weights(weights)
+    acc = _acc(expert_params)
+    sq = (expert_params.to(acc) - base_params.to(acc)).pow(2)
+    if importance is not None:
+        sq = sq * importance.to(acc)
+    per = sq.sum(1)
+    if weights is not None:
+        per = per * weights.to(acc)
+    return _reduce_experts(per, reduction, expert_params.shape[0]).to(expert_params.dtype)
+
+
+def batched_distillation_loss(student, teacher, expert_ids, num_experts, weights=None, reduction="sum"):
+    e = v.distillation_args(student, teacher, expert_ids, num_experts, weights, reduction)
+    v.check_ids(expert_ids, e)
+    v.check_finite_weights(weights)
+    acc = _acc(student)
+    n = student.shape[0]
+    row = (student.to(acc) - teacher.to(acc)).pow(2).reshape(n, -1)
+    row = row.sum(1) / max(row.shape[1], 1)
+    ids = expert_ids.long()
+    sums = torch.zeros(e, dtype=acc, device=student.device).index_add(0, ids, row)
+    counts = torch.zeros(e, dtype=acc, device=student.device).index_add(
+        0, ids, torch.ones(n, dtype=acc, device=student.device))
+    per = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    if weights is not None:
+        per = per * weights.to(acc)
+    return _reduce_experts(per, reduction, int((counts > 0).sum())).to(student.dtype)
+
+
+def masked_log_softmax(logits, task_offset, task_len, temperature=1.0):
+    """log softmax(logits / temperature) over each row's range [o, o + l); -inf outside it."""
+    acc = _acc(logits)
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    mask = (cols >= task_offset[:, None]) & (cols < (task_offset + task_len)[:, None])
+    x = (logits.to(acc) / temperature).masked_fill(~mask, float("-inf"))
+    return torch.log_softmax(x, dim=1), mask
+
+
+def task_masked_cross_entropy(logits, labels, task_offset, task_len, reduction="mean", ignore_index=-100):
+    off, ln = v.cross_entropy_args(logits, labels, task_offset, task_len, reduction, ignore_index)
+    v.check_ranges(off, ln, logits.shape[1])
+    v.check_labels(labels, off, ln, ignore_index)
+    logp, _ = masked_log_softmax(logits, off, ln)
+    keep = labels != ignore_index
+    safe = torch.where(keep, labels.long(), off.long())
+    row = -logp.gather(1, safe[:, None]).squeeze(1)
+    row = torch.where(keep, row, torch.zeros_like(row))
+    if reduction == "none":
+        out = row
+    elif reduction == "sum":
+        out = row.sum()
+    else:
+        out = row.sum() / keep.sum()
+    return out.to(logits.dtype)
+
+
+def task_masked_kd_loss(student_logits, teacher_logits, task_offset, task_len, temperature=1.0, reduction="mean"):
+    off, ln = v.kd_args(student_logits, teacher_logits, task_offset, task_len, temperature, reduction)
+    v.check_ranges(off, ln, student_logits.shape[1])
+    ls, mask = masked_log_softmax(student_logits, off, ln, temperature)
+    lt, _ = masked_log_softmax(teacher_logits, off, ln, temperature)
+    pt = lt.exp()
+    keep = mask & (pt > 0)
+    term = torch.where(keep, pt * (lt.masked_fill(~keep, 0) - ls.masked_fill(~mask, 0)), torch.zeros_like(pt))
+    row = term.sum(1) * temperature**2
+    if reduction == "none":
+        out = row
+    elif reduction == "sum":
+        out = row.sum()
+    else:
+        out = row.sum() / student_logits.shape[0]
+    return out.to(student_logits.dtype)
