@@ -38,7 +38,7 @@ def stability_loss(expert, base, weights=None, reduction="sum"):
     v.check_finite_weights(weights)
     acc = _acc(expert)
     k = expert.shape[0]
-    d = (expert.to(acc) - base.to(acc)).reshape(k, -1)
+    d = (expert.to(acc) - base.to(acc)).reshape(k, expert[0].numel() if k else 0)
     per = d.pow(2).sum(1) / max(d.shape[1], 1)
     if weights is not None:
         per = per * weights.to(acc)
@@ -65,7 +65,7 @@ def batched_distillation_loss(student, teacher, expert_ids, num_experts, weights
     v.check_finite_weights(weights)
     acc = _acc(student)
     n = student.shape[0]
-    row = (student.to(acc) - teacher.to(acc)).pow(2).reshape(n, -1)
+    row = (student.to(acc) - teacher.to(acc)).pow(2).reshape(n, student[0].numel() if n else 0)
     row = row.sum(1) / max(row.shape[1], 1)
     ids = expert_ids.long()
     sums = torch.zeros(e, dtype=acc, device=student.device).index_add(0, ids, row)

@@ -1,9 +1,28 @@
-"""The fused bmc_fast losses: public functions, fake kernels and autograd of torch.ops.bmc_fast."""
+"""The fused bmc_fast losses: public functions, fake kernels and autograd of torch.ops.bmc_fast.
+
+Fake kernels and autograd formulas are registered here, in the module that csrc/library.cpp
+names with ``set_python_module``, so torch can find them for any op of the library.
+"""
+import torch
+
+from .. import _ext
+from . import (
+    batched_distillation_loss as _bdl,
+    stability_loss as _sl,
+    task_masked_cross_entropy as _ce,
+    task_masked_kd_loss as _kd,
+    weight_stability_loss as _wsl,
+)
 from .batched_distillation_loss import batched_distillation_loss
 from .stability_loss import stability_loss
 from .task_masked_cross_entropy import task_masked_cross_entropy
 from .task_masked_kd_loss import task_masked_kd_loss
 from .weight_stability_loss import weight_stability_loss
+
+if _ext.HAVE_EXTENSION:
+    for _op, _fake, _backward, _setup in (m.REGISTRATION for m in (_sl, _wsl, _bdl, _ce, _kd)):
+        torch.library.register_fake(_op)(_fake)
+        torch.library.register_autograd(_op, _backward, setup_context=_setup)
 
 __all__ = [
     "stability_loss",

@@ -71,7 +71,5 @@ def _batched_distillation_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_ex
     return g_student, g_teacher, None, None, g_weights, None, None
 
 
-if _ext.HAVE_EXTENSION:
-    torch.library.register_fake(OP)(_batched_distillation_loss_fake)
-    torch.library.register_autograd(OP, _batched_distillation_loss_backward,
-                                    setup_context=_batched_distillation_loss_setup_context)
+# Registered by bmc_fast/ops/__init__.py (the module named by set_python_module in csrc/library.cpp).
+REGISTRATION = (OP, _batched_distillation_loss_fake, _batched_distillation_loss_backward, _batched_distillation_loss_setup_context)

@@ -52,7 +52,5 @@ def _task_masked_cross_entropy_backward(ctx, grad_loss, _grad_grad):
     return g_logits, None, None, None, None, None, None
 
 
-if _ext.HAVE_EXTENSION:
-    torch.library.register_fake(OP)(_task_masked_cross_entropy_fake)
-    torch.library.register_autograd(OP, _task_masked_cross_entropy_backward,
-                                    setup_context=_task_masked_cross_entropy_setup_context)
+# Registered by bmc_fast/ops/__init__.py (the module named by set_python_module in csrc/library.cpp).
+REGISTRATION = (OP, _task_masked_cross_entropy_fake, _task_masked_cross_entropy_backward, _task_masked_cross_entropy_setup_context)

@@ -74,6 +74,5 @@ def _task_masked_kd_loss_backward(ctx, grad_loss, _grad_grad):
     return g_student, g_teacher, None, None, None, None, None
 
 
-if _ext.HAVE_EXTENSION:
-    torch.library.register_fake(OP)(_task_masked_kd_loss_fake)
-    torch.library.register_autograd(OP, _task_masked_kd_loss_backward, setup_context=_task_masked_kd_loss_setup_context)
+# Registered by bmc_fast/ops/__init__.py (the module named by set_python_module in csrc/library.cpp).
+REGISTRATION = (OP, _task_masked_kd_loss_fake, _task_masked_kd_loss_backward, _task_masked_kd_loss_setup_context)

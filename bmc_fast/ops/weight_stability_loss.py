@@ -79,7 +79,5 @@ def _weight_stability_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_expert
     return g_expert, g_base, g_imp, g_weights, None, None
 
 
-if _ext.HAVE_EXTENSION:
-    torch.library.register_fake(OP)(_weight_stability_loss_fake)
-    torch.library.register_autograd(OP, _weight_stability_loss_backward,
-                                    setup_context=_weight_stability_loss_setup_context)
+# Registered by bmc_fast/ops/__init__.py (the module named by set_python_module in csrc/library.cpp).
+REGISTRATION = (OP, _weight_stability_loss_fake, _weight_stability_loss_backward, _weight_stability_loss_setup_context)
