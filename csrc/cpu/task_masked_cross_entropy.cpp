@@ -45,14 +45,17 @@ void task_masked_cross_entropy_kernel(const at::Tensor& logits, const int64_t* l
         }
         const int64_t o = off[i], l = len[i], y = labels[i] - o;
         const scalar_t* xi = x + i * C + o;
+        // Work relative to the max m: logsumexp - x_y = log(sum) + (m - x_y) and
+        // softmax = exp(x - m) / sum stay accurate when |logits| ~ 1e4, where m + log(sum)
+        // would already be rounded to a float32 ulp of 1e4.
         const acc_t m = span_max(xi, l);
-        const acc_t lse = m + std::log(span_sumexp(xi, l, m, acc_t(1)));
+        const acc_t sum = span_sumexp(xi, l, m, acc_t(1));
         const acc_t xy = static_cast<acc_t>(xi[y]);
-        row_loss[i] = ce_row_loss(lse, xy);
+        row_loss[i] = ce_row_loss(std::log(sum), xy - m);
         if (gi != nullptr) {
           zero_span(gi, o);
-          span_exp_store(xi, l, lse, acc_t(1), scale, gi + o);
-          gi[o + y] = static_cast<scalar_t>(ce_grad(std::exp(xy - lse), true, scale));
+          span_exp_store(xi, l, m, acc_t(1), scale / sum, gi + o);
+          gi[o + y] = static_cast<scalar_t>(ce_grad(std::exp(xy - m) / sum, true, scale));
           zero_span(gi + o + l, C - o - l);
         }
       }

@@ -23,23 +23,24 @@ BMC_CPU_DECLARE_KERNEL(void, task_masked_kd_loss_kernel, const at::Tensor&, cons
 
 inline namespace CPU_CAPABILITY {
 
-// KL terms of one row's range (before tau^2) from the log-normalisers cs, ct of student and
-// teacher; writes tau * (p_s - p_t) * scale to g when g is not null.
+// KL terms of one row's range (before tau^2), with log p = (x - max) / tau - log_sum for student
+// (ms, ls) and teacher (mt, lt); writes tau * (p_s - p_t) * scale to g when g is not null.
+// Shifting by the max before scaling keeps log p accurate for logits of magnitude 1e4.
 template <typename T, typename acc_t = at::opmath_type<T>>
-acc_t kd_span(const T* s, const T* t, int64_t l, acc_t inv_tau, acc_t cs, acc_t ct, acc_t tau,
-              acc_t scale, T* g) {
+acc_t kd_span(const T* s, const T* t, int64_t l, acc_t inv_tau, acc_t ms, acc_t ls, acc_t mt,
+              acc_t lt, acc_t tau, acc_t scale, T* g) {
   acc_t kl = 0;
   int64_t j = 0;
   if constexpr (kVectorised<T>) {
     using IO = VecIO<T>;
-    const fVec vinv(inv_tau), vcs(cs), vct(ct), vgs(scale * tau), zero(0.f);
+    const fVec vinv(inv_tau), vms(ms), vls(ls), vmt(mt), vlt(lt), vgs(scale * tau), zero(0.f);
     fVec acc(0.f);
     for (; j + IO::kStep <= l; j += IO::kStep) {
       fVec s0, s1, t0, t1;
       IO::load(s + j, s0, s1);
       IO::load(t + j, t0, t1);
-      const fVec lps0 = s0 * vinv - vcs, lps1 = s1 * vinv - vcs;
-      const fVec lpt0 = t0 * vinv - vct, lpt1 = t1 * vinv - vct;
+      const fVec lps0 = (s0 - vms) * vinv - vls, lps1 = (s1 - vms) * vinv - vls;
+      const fVec lpt0 = (t0 - vmt) * vinv - vlt, lpt1 = (t1 - vmt) * vinv - vlt;
       const fVec pt0 = lpt0.exp_u20(), pt1 = lpt1.exp_u20();
       acc = acc + fVec::blendv(zero, pt0 * (lpt0 - lps0), pt0 > zero);
       acc = acc + fVec::blendv(zero, pt1 * (lpt1 - lps1), pt1 > zero);
@@ -48,8 +49,8 @@ acc_t kd_span(const T* s, const T* t, int64_t l, acc_t inv_tau, acc_t cs, acc_t 
     kl = hsum(acc);
   }
   for (; j < l; ++j) {
-    const acc_t lps = static_cast<acc_t>(s[j]) * inv_tau - cs;
-    const acc_t lpt = static_cast<acc_t>(t[j]) * inv_tau - ct;
+    const acc_t lps = (static_cast<acc_t>(s[j]) - ms) * inv_tau - ls;
+    const acc_t lpt = (static_cast<acc_t>(t[j]) - mt) * inv_tau - lt;
     const acc_t pt = std::exp(lpt);
     kl += kd_term(lpt, lps, pt);
     if (g != nullptr) g[j] = static_cast<T>(kd_grad(std::exp(lps), pt, tau, scale));
@@ -77,11 +78,10 @@ void task_masked_kd_loss_kernel(const at::Tensor& student, const at::Tensor& tea
         const scalar_t* si = s + i * C + o;
         const scalar_t* ti = t + i * C + o;
         const acc_t ms = span_max(si, l), mt = span_max(ti, l);
-        // log p_j = x_j / tau - c with c = max / tau + log(sum_j exp((x_j - max) / tau)).
-        const acc_t cs = ms * inv_tau + std::log(span_sumexp(si, l, ms, inv_tau));
-        const acc_t ct = mt * inv_tau + std::log(span_sumexp(ti, l, mt, inv_tau));
+        const acc_t ls = std::log(span_sumexp(si, l, ms, inv_tau));
+        const acc_t lt = std::log(span_sumexp(ti, l, mt, inv_tau));
         scalar_t* gi = g == nullptr ? nullptr : g + i * C;
-        const acc_t kl = kd_span(si, ti, l, inv_tau, cs, ct, tau, scale, gi == nullptr ? nullptr : gi + o);
+        const acc_t kl = kd_span(si, ti, l, inv_tau, ms, ls, mt, lt, tau, scale, gi == nullptr ? nullptr : gi + o);
         row_loss[i] = static_cast<double>(tau) * static_cast<double>(tau) * static_cast<double>(kl);
         if (gi != nullptr) {
           zero_span(gi, o);
