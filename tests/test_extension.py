@@ -1,0 +1,83 @@
+"""The compiled extension: what backend_info reports, and a loud failure when it is missing."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import bmc_fast
+
+
+def test_backend_info_reports_the_build():
+    info = bmc_fast.backend_info()
+    assert info["extension"] and info["cpu"]
+    assert info["cpu_capability"] in ("avx2", "default")
+    assert info["torch"] == torch.__version__
+    assert isinstance(info["cuda"], bool)
+    for op in ("stability_loss", "weight_stability_loss", "batched_distillation_loss",
+               "task_masked_cross_entropy", "task_masked_kd_loss"):
+        assert hasattr(torch.ops.bmc_fast, op)
+
+
+def _run(code, **env):
+    e = dict(os.environ)
+    e.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=e,
+                          timeout=120)
+
+
+BLOCK_C = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "bmc_fast._C":
+            raise ImportError("simulated build failure")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_missing_extension_warns_and_falls_back():
+    r = _run(BLOCK_C + """
+import warnings, torch
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import bmc_fast
+    out = bmc_fast.stability_loss(torch.ones(2, 3), torch.zeros(2, 3))
+print("LOSS", out.item(), bmc_fast.backend_info()["extension"])
+print("WARN", " | ".join(str(x.message) for x in w))
+""", BMC_FAST_REQUIRE_EXTENSION="0")
+    assert r.returncode == 0, r.stderr
+    assert "LOSS 2.0 False" in r.stdout
+    assert "could not be loaded" in r.stdout and "reference" in r.stdout
+
+
+def test_missing_extension_is_an_error_when_required():
+    r = _run(BLOCK_C + "import bmc_fast\n", BMC_FAST_REQUIRE_EXTENSION="1")
+    assert r.returncode != 0
+    assert "BMC_FAST_REQUIRE_EXTENSION" in r.stderr and "simulated build failure" in r.stderr
+
+
+def test_default_cpu_kernels_match_avx2():
+    # The baseline build of every kernel (BMC_FAST_CPU_CAPABILITY=default) gives the same values.
+    code = """
+import torch, bmc_fast
+torch.manual_seed(0)
+e, b = torch.randn(3, 1000), torch.randn(3, 1000)
+x = torch.randn(64, 50) * 4; o = torch.randint(0, 25, (64,)); l = torch.randint(1, 26, (64,))
+y = o + (torch.rand(64) * l).long()
+t = torch.randn(64, 50)
+ids = torch.randint(0, 4, (64,))
+vals = [bmc_fast.stability_loss(e, b), bmc_fast.weight_stability_loss(e, b[0]),
+        bmc_fast.batched_distillation_loss(x, t, ids, 4), bmc_fast.task_masked_cross_entropy(x, y, o, l),
+        bmc_fast.task_masked_kd_loss(x, t, o, l, 2.0)]
+print(bmc_fast.backend_info()["cpu_capability"], *[f"{v.item():.6e}" for v in vals])
+"""
+    a = _run(code)
+    d = _run(code, BMC_FAST_CPU_CAPABILITY="default")
+    assert a.returncode == 0 and d.returncode == 0, a.stderr + d.stderr
+    assert d.stdout.split()[0] == "default"
+    va = [float(v) for v in a.stdout.split()[1:]]
+    vd = [float(v) for v in d.stdout.split()[1:]]
+    for x, y in zip(va, vd):
+        assert abs(x - y) <= 1e-5 * abs(y), (va, vd)
