@@ -1,0 +1,232 @@
+"""Benchmark harness: interleaved timing of providers, medians and quantiles, ratio rows, machine facts.
+
+Every benchmark case builds its inputs once (``setup``), checks each provider against the eager
+reference, then times the providers round-robin (bmc_fast, eager, compiled, bmc_fast, ...) so that
+drift on a shared machine hits all of them alike. Rows carry the machine, torch version and git
+commit; ``benchmarks/conftest.py`` prints the ratio tables and writes them to JSON/Markdown.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+ROWS: list[dict] = []
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _time_copy(nbytes: int, threads: int, reps: int = 15) -> float:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        src = torch.ones(nbytes // 4)
+        dst = torch.empty_like(src)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass
+class Machine:
+    device: str
+    name: str
+    threads: int
+    contended: bool
+    copy_gbps: float  # measured copy bandwidth, (read + write) bytes per second / 1e9
+    note: str = ""
+    facts: dict = field(default_factory=dict)
+
+
+def probe_machine(device: str = "cpu") -> Machine:
+    """Measures copy bandwidth and detects a busy core (2-thread regions then stall ~8 ms)."""
+    if device == "cuda":
+        x = torch.empty(256 * 2**20 // 4, device="cuda")
+        y = torch.empty_like(x)
+        for _ in range(3):
+            y.copy_(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            y.copy_(x)
+        torch.cuda.synchronize()
+        gbps = 2 * x.numel() * 4 * 20 / (time.perf_counter() - t0) / 1e9
+        return Machine("cuda", torch.cuda.get_device_name(), 0, False, gbps)
+    cores = os.cpu_count() or 1
+    t1 = _time_copy(8 * 2**20, 1)
+    t2 = _time_copy(8 * 2**20, min(2, cores))
+    contended = cores >= 2 and t2 > 1.5 * t1 and t2 > 2e-3
+    threads = 1 if contended else min(cores, torch.get_num_threads())
+    note = (f"another process holds a core (8 MB copy: {t1 * 1e3:.2f} ms at 1 thread, {t2 * 1e3:.2f} ms "
+            "at 2): figures are single-thread") if contended else ""
+    torch.set_num_threads(threads)
+    big = 256 * 2**20
+    gbps = 2 * big / _time_copy(big, threads, reps=7) / 1e9
+    return Machine("cpu", cpu_name(), threads, contended, gbps, note,
+                   {"8MB_copy_ms_1t": t1 * 1e3, "8MB_copy_ms_2t": t2 * 1e3})
+
+
+def run_interleaved(fns: dict, device: str, reps: int, warmup: int = 2, min_time: float = 0.0):
+    """Times each callable ``reps`` times, round-robin. Returns {name: [seconds, ...]}."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+        _sync(device)
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    for r in range(reps):
+        order = list(fns.items())
+        if r % 2:  # alternate the order so no provider always runs after the same one
+            order.reverse()
+        for name, f in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        if min_time and time.perf_counter() - start > min_time and r >= 4:
+            break
+    return times
+
+
+def quantiles(ts):
+    s = sorted(ts)
+    q = lambda p: s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))]  # noqa: E731
+    return {"median": statistics.median(s), "p20": q(0.2), "p80": q(0.8), "n": len(s)}
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_memory(fn, device: str) -> int | None:
+    """Peak extra bytes of one call: CUDA allocator peak, or on Linux CPUs the resident-set
+    high-water mark (reset through /proc/self/clear_refs) above the resident set before the call."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kb("VmRSS:")
+        fn()
+        return max(0, _status_kb("VmHWM:") - before) * 1024
+    except OSError:
+        return None
+
+
+def record(row: dict) -> dict:
+    row.setdefault("torch", torch.__version__)
+    row.setdefault("cuda", torch.version.cuda)
+    row.setdefault("commit", git_commit())
+    ROWS.append(row)
+    return row
+
+
+# ---- one benchmark case ---------------------------------------------------------------------------
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float64: 1e-8}
+
+
+def _call(fn, inputs, diff, mode):
+    """A no-argument callable running one provider in one mode; returns (loss, grads)."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*inputs), ()
+        return run
+    leaves = list(inputs)
+    for i in diff:
+        leaves[i] = inputs[i].detach().clone().requires_grad_(True)
+    targets = [leaves[i] for i in diff]
+
+    def run():
+        loss = fn(*leaves)
+        grads = torch.autograd.grad(loss, targets, torch.ones_like(loss))
+        return loss, grads
+    return run
+
+
+def _check(out, ref, dtype, what):
+    for a, b in zip((out[0], *out[1]), (ref[0], *ref[1])):
+        torch.testing.assert_close(a.float(), b.float(), rtol=TOL[dtype], atol=TOL[dtype],
+                                   msg=lambda m: f"{what} disagrees with eager: {m}")
+
+
+def run_case(benchmark, machine: Machine, op: str, shape: dict, dtype: torch.dtype, mode: str,
+               fused, ref, inputs, diff, bytes_min: int, max_seconds: float = 8.0):
+    device = machine.device
+    compiled = torch.compile(ref, fullgraph=True, dynamic=False)
+    calls = {p: _call(f, inputs, diff, mode) for p, f in
+             (("bmc_fast", fused), ("eager", ref), ("compiled", compiled))}
+    t0 = time.perf_counter()
+    out_c = calls["compiled"]()
+    _sync(device)
+    compile_s = time.perf_counter() - t0
+    out_e = calls["eager"]()
+    _check(calls["bmc_fast"](), out_e, dtype, "bmc_fast")
+    _check(out_c, out_e, dtype, "compiled")
+
+    times = run_interleaved(calls, device, reps=30, min_time=max_seconds)
+    q = {p: quantiles(ts) for p, ts in times.items()}
+    mem = {p: peak_memory(c, device) for p, c in calls.items()}
+    t_b = q["bmc_fast"]["median"]
+    row = record({
+        "op": op, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
+        "shape": ",".join(f"{k}={v}" for k, v in shape.items()),
+        "device": device, "device_name": machine.name, "threads": machine.threads,
+        "contended": machine.contended,
+        **{f"t_{p}_ms": q[p]["median"] * 1e3 for p in q},
+        **{f"t_{p}_p20_ms": q[p]["p20"] * 1e3 for p in q},
+        **{f"t_{p}_p80_ms": q[p]["p80"] * 1e3 for p in q},
+        "reps": q["bmc_fast"]["n"],
+        "speedup_vs_eager": q["eager"]["median"] / t_b,
+        "speedup_vs_compile": q["compiled"]["median"] / t_b,
+        "compile_s": compile_s,
+        "bytes_min": bytes_min,
+        "gbps": bytes_min / t_b / 1e9,
+        "bw_fraction": bytes_min / t_b / 1e9 / machine.copy_gbps,
+        **{f"mem_{p}_mb": (m / 2**20 if m is not None else None) for p, m in mem.items()},
+    })
+    benchmark.extra_info.update(row)
+    benchmark.pedantic(calls["bmc_fast"], rounds=3, iterations=1, warmup_rounds=0)
+    return row
