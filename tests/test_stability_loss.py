@@ -124,3 +124,17 @@ def test_stability_loss_module(device):
     close(mod(e, b), reference.stability_loss(e, b, w, "mean"), torch.float32)
     with pytest.raises(ValueError, match="reduction"):
         bmc_fast.nn.StabilityLoss(reduction="avg")
+
+
+def test_stability_loss_repeated_backward(device):
+    # The gradient buffer is scaled in place only when the graph is freed; a retained graph
+    # gives the same gradient on every backward.
+    e, b, _ = make((2, 8), torch.float32, device, weights=False)
+    e.requires_grad_(True)
+    loss = bmc_fast.stability_loss(e, b) * 2
+    (g1,) = torch.autograd.grad(loss, e, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, e, retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, e)
+    expected = 2 * 2 * (e - b).detach() / 8
+    for g in (g1, g2, g3):
+        close(g, expected, torch.float32)

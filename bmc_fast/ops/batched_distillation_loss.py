@@ -58,7 +58,7 @@ def _batched_distillation_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_ex
     needs = ctx.needs_input_grad
     g_student = g_teacher = g_weights = None
     if needs[0] or needs[1]:
-        scaled = scale_rows(grad, grad_loss, ctx.reduction, index=expert_ids.long())
+        scaled = scale_rows(ctx, grad, grad_loss, ctx.reduction, index=expert_ids.long())
         g_student = scaled if needs[0] else None
         g_teacher = -scaled if needs[1] else None
     if ctx.has_weights and needs[4]:

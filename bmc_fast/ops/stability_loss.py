@@ -53,7 +53,7 @@ def _stability_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_expert):
     grad, per_expert, weights = ctx.saved_tensors
     g_expert = g_base = g_weights = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        scaled = scale_rows(grad, grad_loss, ctx.reduction)
+        scaled = scale_rows(ctx, grad, grad_loss, ctx.reduction)
         g_expert = scaled if ctx.needs_input_grad[0] else None
         g_base = -scaled if ctx.needs_input_grad[1] else None
     if ctx.has_weights and ctx.needs_input_grad[2]:

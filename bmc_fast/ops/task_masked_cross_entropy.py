@@ -48,7 +48,7 @@ def _task_masked_cross_entropy_setup_context(ctx, inputs, output):
 
 def _task_masked_cross_entropy_backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
-    g_logits = scale_rows(grad, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
+    g_logits = scale_rows(ctx, grad, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
     return g_logits, None, None, None, None, None, None
 
 

@@ -63,7 +63,7 @@ def _task_masked_kd_loss_backward(ctx, grad_loss, _grad_grad):
     grad, student_logits, teacher_logits, off, ln = ctx.saved_tensors
     g_student = g_teacher = None
     if ctx.needs_input_grad[0]:
-        g_student = scale_rows(grad, grad_loss, ctx.reduction)
+        g_student = scale_rows(ctx, grad, grad_loss, ctx.reduction)
     if ctx.needs_input_grad[1]:
         n = student_logits.shape[0]
         acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32

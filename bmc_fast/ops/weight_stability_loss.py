@@ -64,17 +64,16 @@ def _weight_stability_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_expert
     grad, per_expert, expert_params, base_params, importance, weights = ctx.saved_tensors
     needs = ctx.needs_input_grad
     g_expert = g_base = g_imp = g_weights = None
-    if needs[0] or needs[1]:
-        scaled = scale_rows(grad, grad_loss, ctx.reduction)
-        g_expert = scaled if needs[0] else None
-        if needs[1]:
-            # Recomputed from the inputs in the accumulation dtype (rare: the base is usually
-            # frozen): summing K gradients already rounded to float16 would cancel badly.
-            acc = per_expert.dtype
-            f = _expert_factors(ctx, grad_loss, weights, acc)
-            d = (expert_params.to(acc) - base_params.to(acc)) * f[:, None]
-            g = -2 * d.sum(0)
-            g_base = (g if importance is None else g * importance.to(acc)).to(base_params.dtype)
+    if needs[0]:
+        g_expert = scale_rows(ctx, grad, grad_loss, ctx.reduction)
+    if needs[1]:
+        # Recomputed from the inputs in the accumulation dtype (rare: the base is usually
+        # frozen): summing K gradients already rounded to float16 would cancel badly.
+        acc = per_expert.dtype
+        f = _expert_factors(ctx, grad_loss, weights, acc)
+        d = (expert_params.to(acc) - base_params.to(acc)) * f[:, None]
+        g = -2 * d.sum(0)
+        g_base = (g if importance is None else g * importance.to(acc)).to(base_params.dtype)
     if ctx.has_importance and needs[2]:
         acc = per_expert.dtype
         f = _expert_factors(ctx, grad_loss, weights, acc)

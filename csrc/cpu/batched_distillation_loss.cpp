@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_distillation_loss_cpu(
     if (count[j] > 0 && D > 0) scale[j] = 2.0 * w[j] * factor / (static_cast<double>(count[j]) * D);
 
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  at::Tensor grad = compute_grad ? at::empty_like(s) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? empty_output_like(s) : at::empty({0}, student.options());
   std::vector<double> row_sums;
   BMC_CPU_CALL(batched_distillation_loss_kernel, s, t, id, scale, compute_grad ? grad : at::Tensor(), row_sums);
 

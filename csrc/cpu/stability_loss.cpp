@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stability_loss_cpu(
   const double factor = red == Reduction::Mean ? (K > 0 ? 1.0 / K : 0.0) : 1.0;
   std::vector<double> scale(static_cast<size_t>(K));
   for (int64_t k = 0; k < K; ++k) scale[k] = M > 0 ? 2.0 * w[k] * factor / M : 0.0;
-  at::Tensor grad = compute_grad ? at::empty_like(e) : at::empty({0}, expert.options());
+  at::Tensor grad = compute_grad ? empty_output_like(e) : at::empty({0}, expert.options());
 
   std::vector<double> sums;
   BMC_CPU_CALL(stability_loss_kernel, e, b, scale, compute_grad ? grad : at::Tensor(), sums);

@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> task_masked_cross_entropy_cpu(
   const double scale = red == Reduction::Mean ? (counted > 0 ? 1.0 / counted : 0.0) : 1.0;
 
   const at::Tensor x = logits.contiguous();
-  at::Tensor grad = compute_grad ? at::empty_like(x) : at::empty({0}, logits.options());
+  at::Tensor grad = compute_grad ? empty_output_like(x) : at::empty({0}, logits.options());
   std::vector<double> row_loss;
   BMC_CPU_CALL(task_masked_cross_entropy_kernel, x, y, o, l, ignore_index, scale,
                compute_grad ? grad : at::Tensor(), row_loss);

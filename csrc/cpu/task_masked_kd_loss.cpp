@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> task_masked_kd_loss_cpu(
   const double scale = red == Reduction::Mean ? (N > 0 ? 1.0 / N : 0.0) : 1.0;
 
   const at::Tensor s = student_logits.contiguous(), t = teacher_logits.contiguous();
-  at::Tensor grad = compute_grad ? at::empty_like(s) : at::empty({0}, student_logits.options());
+  at::Tensor grad = compute_grad ? empty_output_like(s) : at::empty({0}, student_logits.options());
   std::vector<double> row_loss;
   BMC_CPU_CALL(task_masked_kd_loss_kernel, s, t, off.const_data_ptr<int64_t>(),
                len.const_data_ptr<int64_t>(), temperature, scale, compute_grad ? grad : at::Tensor(), row_loss);

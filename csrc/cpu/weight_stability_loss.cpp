@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_stability_loss_cpu(
   const double factor = red == Reduction::Mean ? (K > 0 ? 1.0 / K : 0.0) : 1.0;
   std::vector<double> scale(static_cast<size_t>(K));
   for (int64_t k = 0; k < K; ++k) scale[k] = 2.0 * w[k] * factor;
-  at::Tensor grad = compute_grad ? at::empty_like(e) : at::empty({0}, expert_params.options());
+  at::Tensor grad = compute_grad ? empty_output_like(e) : at::empty({0}, expert_params.options());
 
   std::vector<double> sums;
   BMC_CPU_CALL(weight_stability_loss_kernel, e, b, imp, scale, compute_grad ? grad : at::Tensor(), sums);
