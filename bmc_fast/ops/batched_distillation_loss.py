@@ -50,10 +50,13 @@ def _batched_distillation_loss_setup_context(ctx, inputs, output):
     ctx.num_experts = num_experts
     ctx.has_weights = weights is not None
     ctx.mark_non_differentiable(grad, per_expert)
+    ctx.set_materialize_grads(False)  # else autograd allocates zeros of input size for grad
     ctx.save_for_backward(grad, per_expert, expert_ids, weights)
 
 
 def _batched_distillation_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_expert):
+    if grad_loss is None:  # the loss was not used (grads are not materialised)
+        return (None, None, None, None, None, None, None)
     grad, per_expert, expert_ids, weights = ctx.saved_tensors
     needs = ctx.needs_input_grad
     g_student = g_teacher = g_weights = None

@@ -46,10 +46,13 @@ def _stability_loss_setup_context(ctx, inputs, output):
     ctx.k = expert.shape[0]
     ctx.has_weights = weights is not None
     ctx.mark_non_differentiable(grad, per_expert)
+    ctx.set_materialize_grads(False)  # else autograd allocates zeros of input size for grad
     ctx.save_for_backward(grad, per_expert, weights)
 
 
 def _stability_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_expert):
+    if grad_loss is None:  # the loss was not used (grads are not materialised)
+        return (None, None, None, None, None)
     grad, per_expert, weights = ctx.saved_tensors
     g_expert = g_base = g_weights = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:

@@ -43,10 +43,13 @@ def _task_masked_cross_entropy_setup_context(ctx, inputs, output):
     ctx.reduction = inputs[4]
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # else autograd allocates zeros of input size for grad
     ctx.save_for_backward(grad)
 
 
 def _task_masked_cross_entropy_backward(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:  # the loss was not used (grads are not materialised)
+        return (None, None, None, None, None, None, None)
     (grad,) = ctx.saved_tensors
     g_logits = scale_rows(ctx, grad, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
     return g_logits, None, None, None, None, None, None

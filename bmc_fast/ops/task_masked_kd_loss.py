@@ -44,6 +44,7 @@ def _task_masked_kd_loss_setup_context(ctx, inputs, output):
     ctx.reduction = reduction
     ctx.temperature = temperature
     ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # else autograd allocates zeros of input size for grad
     ctx.save_for_backward(grad, student_logits, teacher_logits, task_offset, task_len)
 
 
@@ -60,6 +61,8 @@ def _teacher_grad(student_logits, teacher_logits, off, ln, tau, row_factor):
 
 
 def _task_masked_kd_loss_backward(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:  # the loss was not used (grads are not materialised)
+        return (None, None, None, None, None, None, None)
     grad, student_logits, teacher_logits, off, ln = ctx.saved_tensors
     g_student = g_teacher = None
     if ctx.needs_input_grad[0]:

@@ -49,6 +49,7 @@ def _weight_stability_loss_setup_context(ctx, inputs, output):
     ctx.has_importance = importance is not None
     ctx.has_weights = weights is not None
     ctx.mark_non_differentiable(grad, per_expert)
+    ctx.set_materialize_grads(False)  # else autograd allocates zeros of input size for grad
     ctx.save_for_backward(grad, per_expert, expert_params, base_params, importance, weights)
 
 
@@ -61,6 +62,8 @@ def _expert_factors(ctx, grad_loss, weights, dtype):
 
 
 def _weight_stability_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_expert):
+    if grad_loss is None:  # the loss was not used (grads are not materialised)
+        return (None, None, None, None, None, None)
     grad, per_expert, expert_params, base_params, importance, weights = ctx.saved_tensors
     needs = ctx.needs_input_grad
     g_expert = g_base = g_imp = g_weights = None
