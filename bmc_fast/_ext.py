@@ -90,7 +90,7 @@ def backend_info() -> dict:
         "cpu_capability": _C.cpu_capability(),
         "cuda": _C.cuda_built(),
         "cuda_version": _C.cuda_version() or None,
-        "cuda_archs": _C.cuda_archs().split(";") if _C.cuda_archs() else [],
+        "cuda_archs": _C.cuda_archs().split(",") if _C.cuda_archs() else [],
         "built_with_torch": _C.torch_version(),
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),

@@ -1,0 +1,73 @@
+"""CUDA-only checks (skipped without a GPU): CPU/CUDA agreement, run-twice bitwise equality of
+every reduction, a non-default device and stream, and CUDA-graph capture via reduce-overhead."""
+import pytest
+import torch
+
+import bmc_fast
+from _masked import labels_in, ranges
+
+pytestmark = pytest.mark.cuda
+
+
+def _cases(device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    e, b = torch.randn(4, 300, 50, generator=g), torch.randn(4, 300, 50, generator=g)
+    p, bp, imp = torch.randn(3, 70001, generator=g), torch.randn(70001, generator=g), torch.rand(70001, generator=g)
+    s, t = torch.randn(777, 96, generator=g), torch.randn(777, 96, generator=g)
+    ids = torch.randint(0, 6, (777,), generator=g)
+    x, tx = torch.randn(300, 500, generator=g) * 4, torch.randn(300, 500, generator=g) * 4
+    off, ln = ranges(300, 500, "cpu")
+    y = labels_in(off, ln)
+    mv = lambda *ts: [u.to(device) if u.is_floating_point() is False else u.to(device, dtype) for u in ts]  # noqa: E731
+    return [
+        ("stability_loss", lambda a, c: bmc_fast.stability_loss(a, c), mv(e, b)),
+        ("weight_stability_loss", lambda a, c, i: bmc_fast.weight_stability_loss(a, c, i), mv(p, bp, imp)),
+        ("batched_distillation_loss", lambda a, c, i: bmc_fast.batched_distillation_loss(a, c, i, 6), mv(s, t, ids)),
+        ("task_masked_cross_entropy", lambda a, yy, o, n: bmc_fast.task_masked_cross_entropy(a, yy, o, n),
+         mv(x, y, off, ln)),
+        ("task_masked_kd_loss", lambda a, c, o, n: bmc_fast.task_masked_kd_loss(a, c, o, n, 2.0), mv(x, tx, off, ln)),
+    ]
+
+
+def _fwd_bwd(fn, args):
+    a0 = args[0].clone().requires_grad_(True)
+    loss = fn(a0, *args[1:])
+    (g,) = torch.autograd.grad(loss, a0)
+    return loss.detach(), g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_cpu(dtype):
+    for (name, fn, cpu_args), (_, _, gpu_args) in zip(_cases("cpu", dtype), _cases("cuda", dtype)):
+        lc, gc = _fwd_bwd(fn, cpu_args)
+        lg, gg = _fwd_bwd(fn, gpu_args)
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(lg.cpu(), lc, **tol, msg=lambda m: f"{name} loss: {m}")
+        torch.testing.assert_close(gg.cpu(), gc, **tol, msg=lambda m: f"{name} grad: {m}")
+
+
+def test_cuda_run_twice_bitwise_equal():
+    for name, fn, args in _cases("cuda"):
+        l1, g1 = _fwd_bwd(fn, args)
+        l2, g2 = _fwd_bwd(fn, args)
+        assert torch.equal(l1, l2) and torch.equal(g1, g2), name
+
+
+def test_cuda_side_stream_and_device_index():
+    dev = f"cuda:{torch.cuda.device_count() - 1}"
+    s = torch.cuda.Stream(device=dev)
+    with torch.cuda.device(dev), torch.cuda.stream(s):
+        for name, fn, args in _cases(dev):
+            loss, g = _fwd_bwd(fn, args)
+            assert loss.device == torch.device(dev) and torch.isfinite(loss).all(), name
+    s.synchronize()
+
+
+def test_cuda_graph_capture_reduce_overhead():
+    e = torch.randn(4, 64, 32, device="cuda", requires_grad=True)
+    b = torch.randn(4, 64, 32, device="cuda")
+    fn = torch.compile(lambda e, b: bmc_fast.stability_loss(e, b, reduction="mean"), mode="reduce-overhead")
+    ref = bmc_fast.reference.stability_loss(e, b, reduction="mean")
+    for _ in range(3):
+        out = fn(e, b)
+    torch.testing.assert_close(out, ref)
