@@ -11,6 +11,8 @@ from .ops import (
     weight_stability_loss,
 )
 from . import nn, reference  # noqa: E402
+from .bmc import BMC, BMCConfig  # noqa: E402
+from .metrics import Result  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,9 @@ __all__ = [
     "task_masked_cross_entropy",
     "task_masked_kd_loss",
     "backend_info",
+    "BMC",
+    "BMCConfig",
+    "Result",
     "nn",
     "reference",
 ]

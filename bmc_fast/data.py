@@ -1,0 +1,163 @@
+"""Tasks and task streams (BMC-SPEC §1, §4), the embedded demo stream, and feature loaders.
+
+A task has local labels in [0, num_classes); a stream assigns each task the next range of a
+single shared head, in order. Never imports the compiled extension.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["Task", "TaskStream", "demo_stream", "load_autods", "load_features"]
+
+
+def _as_tensor(x, name: str, dtype=None) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    return x if dtype is None else x.to(dtype)
+
+
+@dataclass
+class Task:
+    """One task: train and test data with local labels in ``[0, num_classes)``."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    def __post_init__(self):
+        n = self.name
+        self.x_train = _as_tensor(self.x_train, f"task {n!r}: x_train")
+        self.x_test = _as_tensor(self.x_test, f"task {n!r}: x_test")
+        self.y_train = _as_tensor(self.y_train, f"task {n!r}: y_train")
+        self.y_test = _as_tensor(self.y_test, f"task {n!r}: y_test")
+        if not isinstance(self.num_classes, (int, np.integer)) or isinstance(self.num_classes, bool):
+            raise TypeError(f"task {n!r}: num_classes must be an int, got {type(self.num_classes).__name__}")
+        self.num_classes = int(self.num_classes)
+        if self.num_classes < 2:
+            raise ValueError(f"task {n!r}: num_classes must be >= 2 (a task with one class teaches nothing), "
+                             f"got {self.num_classes}")
+        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+            if not x.is_floating_point():
+                raise TypeError(f"task {n!r}: x_{split} must be floating, got {x.dtype}")
+            if x.dim() < 2:
+                raise ValueError(f"task {n!r}: x_{split} must have shape [N, ...], got {list(x.shape)}")
+            if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1:
+                raise ValueError(f"task {n!r}: y_{split} must be an integer tensor [N], got {y.dtype} {list(y.shape)}")
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"task {n!r}: x_{split} has {x.shape[0]} samples but y_{split} has {y.shape[0]}")
+            if split == "train" and x.shape[0] == 0:
+                raise ValueError(f"task {n!r}: the train split is empty")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ValueError(f"task {n!r}: y_{split} must be local labels in [0, {self.num_classes}), "
+                                 f"got values in [{int(y.min())}, {int(y.max())}]")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"task {n!r}: x_{split} has NaN or infinite values")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(f"task {n!r}: x_train and x_test have different feature shapes "
+                             f"{list(self.x_train.shape[1:])} and {list(self.x_test.shape[1:])}")
+        self.y_train = self.y_train.long()
+        self.y_test = self.y_test.long()
+
+    @property
+    def input_shape(self):
+        return tuple(self.x_train.shape[1:])
+
+
+@dataclass
+class TaskStream:
+    """An ordered list of tasks sharing one head: task t owns classes [offsets[t], offsets[t] + n_t)."""
+
+    tasks: list
+    offsets: list = field(init=False)
+
+    def __post_init__(self):
+        self.tasks = list(self.tasks)
+        if not self.tasks:
+            raise ValueError("TaskStream needs at least one task")
+        for i, t in enumerate(self.tasks):
+            if not isinstance(t, Task):
+                raise TypeError(f"tasks[{i}] must be a bmc_fast.data.Task, got {type(t).__name__}")
+        shapes = {t.input_shape for t in self.tasks}
+        if len(shapes) != 1:
+            raise ValueError(f"all tasks must have the same input shape, got {sorted(map(list, shapes))}")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError("task names must be unique")
+        self.offsets = list(np.cumsum([0] + [t.num_classes for t in self.tasks])[:-1].tolist())
+
+    def __len__(self):
+        return len(self.tasks)
+
+    def __getitem__(self, i) -> Task:
+        return self.tasks[i]
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    @property
+    def num_classes(self) -> int:
+        return self.offsets[-1] + self.tasks[-1].num_classes
+
+    @property
+    def input_dim(self) -> int:
+        return int(np.prod(self.tasks[0].input_shape))
+
+    def task_range(self, t: int) -> tuple[int, int]:
+        """(offset, length) of task t's classes in the shared head."""
+        return self.offsets[t], self.tasks[t].num_classes
+
+
+def demo_stream(n_tasks: int = 5, seed: int = 0, test_fraction: float = 0.3) -> TaskStream:
+    """The embedded default: scikit-learn's handwritten digits (1797 8x8 images, offline), split
+    into ``n_tasks`` tasks of consecutive digit classes (5 tasks of 2 classes by default),
+    standardised with the training statistics, with a fixed seed."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("demo_stream needs scikit-learn (pip install scikit-learn)") from exc
+    if 10 % n_tasks:
+        raise ValueError(f"n_tasks must divide the 10 digit classes, got {n_tasks}")
+    digits = load_digits()
+    x = digits.data.astype(np.float32)
+    y = digits.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for c in range(10):  # stratified split
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(len(idx) * test_fraction))
+        test_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    train_idx, test_idx = np.concatenate(train_idx), np.concatenate(test_idx)
+    mean, std = x[train_idx].mean(0), x[train_idx].std(0) + 1e-6
+    x = (x - mean) / std
+    per = 10 // n_tasks
+    tasks = []
+    for t in range(n_tasks):
+        classes = np.arange(t * per, (t + 1) * per)
+        tr = train_idx[np.isin(y[train_idx], classes)]
+        te = test_idx[np.isin(y[test_idx], classes)]
+        tr, te = rng.permutation(tr), rng.permutation(te)
+        tasks.append(Task(f"digits-{''.join(map(str, classes))}", torch.from_numpy(x[tr]),
+                          torch.from_numpy(y[tr] - t * per), torch.from_numpy(x[te]),
+                          torch.from_numpy(y[te] - t * per), per))
+    return TaskStream(tasks)
+
+
+def load_autods(*args, **kwargs):  # pragma: no cover - implemented in bmc_fast.autods
+    from .autods import load_autods as _impl
+
+    return _impl(*args, **kwargs)
+
+
+def load_features(*args, **kwargs):  # pragma: no cover - implemented in bmc_fast.autods
+    from .autods import load_features as _impl
+
+    return _impl(*args, **kwargs)

@@ -1,0 +1,199 @@
+"""Expert buffers and the consolidation memory, stored as contiguous tensors.
+
+A :class:`Buffer` is what one expert hands back: a random subset of its task (inputs, global
+labels, the task's class range) with the expert's own targets (features, optionally its logits
+over the task's range). :class:`Memory` concatenates buffers into single tensors, resamples them
+to a cap with exact even quotas, and draws minibatches balanced across buffers. Old samples keep
+the targets of the experts that made them. Never imports the compiled extension.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Buffer", "Memory", "even_quotas"]
+
+
+@dataclass
+class Buffer:
+    x: torch.Tensor          # [n, ...] inputs
+    y: torch.Tensor          # [n] global labels (int64)
+    offset: int              # the task's class range [offset, offset + length)
+    length: int
+    features: torch.Tensor   # [n, F] the expert's features (the distillation targets)
+    logits: torch.Tensor | None = None  # [n, length] the expert's logits over the task range
+    task: int = 0            # index of the task in the stream
+
+    def __post_init__(self):
+        n = self.x.shape[0]
+        if self.y.shape != (n,) or self.features.shape[0] != n:
+            raise ValueError(f"buffer of task {self.task}: x, y and features must have the same number of rows")
+        if self.logits is not None and self.logits.shape != (n, self.length):
+            raise ValueError(f"buffer of task {self.task}: logits must have shape [{n}, {self.length}], "
+                             f"got {list(self.logits.shape)}")
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def subset(self, idx: torch.Tensor) -> "Buffer":
+        return Buffer(self.x[idx], self.y[idx], self.offset, self.length, self.features[idx],
+                      None if self.logits is None else self.logits[idx], self.task)
+
+    def nbytes(self) -> int:
+        ts = [self.x, self.y, self.features] + ([self.logits] if self.logits is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def even_quotas(sizes: list[int], cap: int) -> list[int]:
+    """Exact even split of ``cap`` slots over buffers of the given sizes: every buffer gets the
+    same quota (the first ``cap % J`` one more); a buffer smaller than its quota keeps all its
+    samples and its unused slots are shared among the others (water-filling)."""
+    quotas = [0] * len(sizes)
+    open_ = [j for j, n in enumerate(sizes) if n > 0]
+    left = min(cap, sum(sizes))
+    while left > 0 and open_:
+        share, extra = divmod(left, len(open_))
+        nxt = []
+        for r, j in enumerate(open_):
+            want = share + (1 if r < extra else 0)
+            take = min(want, sizes[j] - quotas[j])
+            quotas[j] += take
+            left -= take
+            if quotas[j] < sizes[j]:
+                nxt.append(j)
+        if nxt == open_ and share == 0 and extra == 0:
+            break
+        open_ = nxt
+    return quotas
+
+
+class Memory:
+    """The consolidation memory: all buffers concatenated into contiguous tensors.
+
+    ``buffer_id[i]`` is the index (0..J-1) of the buffer row i came from; it is the expert id of
+    the batched distillation loss.
+    """
+
+    def __init__(self, buffers: list[Buffer] | None = None):
+        self.buffers: list[Buffer] = []
+        self._pack()
+        for b in buffers or []:
+            self.buffers.append(b)
+        if buffers:
+            self._pack()
+
+    # -- building -------------------------------------------------------------------------------
+    def add(self, new: list[Buffer], cap: int, generator: torch.Generator) -> None:
+        """Adds new buffers, then resamples every buffer to its even quota of ``cap``."""
+        buffers = self.buffers + list(new)
+        quotas = even_quotas([len(b) for b in buffers], cap)
+        self.buffers = [b if q == len(b) else b.subset(torch.randperm(len(b), generator=generator)[:q].sort().values)
+                        for b, q in zip(buffers, quotas)]
+        self._pack()
+
+    def _pack(self) -> None:
+        bs = self.buffers
+        if not bs:
+            self.x = self.y = self.offset = self.length = self.features = self.buffer_id = None
+            self.logits = None
+            self.starts = [0]
+            return
+        self.x = torch.cat([b.x for b in bs])
+        self.y = torch.cat([b.y for b in bs])
+        self.features = torch.cat([b.features for b in bs])
+        n = [len(b) for b in bs]
+        self.offset = torch.repeat_interleave(torch.tensor([b.offset for b in bs]), torch.tensor(n))
+        self.length = torch.repeat_interleave(torch.tensor([b.length for b in bs]), torch.tensor(n))
+        self.buffer_id = torch.repeat_interleave(torch.arange(len(bs)), torch.tensor(n))
+        self.starts = [0] + torch.tensor(n).cumsum(0).tolist()
+        if all(b.logits is not None for b in bs):
+            width = max(b.length for b in bs)
+            dtype = bs[0].logits.dtype
+            self.logits = torch.zeros(len(self.y), width, dtype=dtype)  # compact: [M, max task length]
+            for b, s in zip(bs, self.starts):
+                self.logits[s:s + len(b), :b.length] = b.logits
+        else:
+            self.logits = None
+
+    def __len__(self):
+        return 0 if self.y is None else len(self.y)
+
+    @property
+    def num_buffers(self) -> int:
+        return len(self.buffers)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.buffers)
+
+    # -- splitting and sampling -----------------------------------------------------------------
+    def split(self, fraction: float, generator: torch.Generator) -> tuple["Memory", "Memory"]:
+        """(train, validation) memories: ``fraction`` of every buffer goes to validation."""
+        train, val = [], []
+        for b in self.buffers:
+            perm = torch.randperm(len(b), generator=generator)
+            k = int(round(len(b) * fraction))
+            val.append(b.subset(perm[:k].sort().values))
+            train.append(b.subset(perm[k:].sort().values))
+        return Memory(train), Memory([b for b in val if len(b)])
+
+    def balanced_indices(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """One epoch of minibatch indices [S, B], S = ceil(len / B): every minibatch takes an equal
+        share from each buffer (the remainder rotating over buffers), each buffer cycling through
+        its own random permutations."""
+        j = self.num_buffers
+        if j == 0 or len(self) == 0:
+            return torch.empty(0, batch_size, dtype=torch.long)
+        steps = -(-len(self) // batch_size)
+        share, extra = divmod(batch_size, j)
+        rows = []
+        for r, b in enumerate(self.buffers):
+            need = []
+            for s in range(steps):  # which buffers get one extra sample rotates with the step
+                need.append(share + (1 if (r - s * extra) % j < extra else 0))
+            total = sum(need)
+            n = len(b)
+            reps = -(-total // n)
+            perm = torch.cat([torch.randperm(n, generator=generator) for _ in range(reps)])[:total] + self.starts[r]
+            rows.append((need, perm))
+        out = torch.empty(steps, batch_size, dtype=torch.long)
+        for s in range(steps):
+            cols = []
+            for need, perm in rows:
+                k = need[s]
+                cols.append(perm[:k])
+            idx = torch.cat(cols)
+            out[s] = idx
+            rows = [(need, perm[need[s]:]) for need, perm in rows]
+        return out
+
+    def batch(self, idx: torch.Tensor, num_classes: int, device) -> dict:
+        """The minibatch of rows ``idx`` on ``device``; ``teacher_logits`` are laid out over the
+        full head (zeros outside each row's range, which the masked KD loss never reads)."""
+        out = {
+            "x": self.x[idx].to(device, non_blocking=True),
+            "y": self.y[idx].to(device),
+            "offset": self.offset[idx].to(device),
+            "length": self.length[idx].to(device),
+            "features": self.features[idx].to(device).float(),
+            "buffer_id": self.buffer_id[idx].to(device),
+        }
+        if self.logits is not None:
+            compact = self.logits[idx].float()
+            full = torch.zeros(len(idx), num_classes)
+            off, ln = self.offset[idx], self.length[idx]
+            cols = off[:, None] + torch.arange(compact.shape[1])[None]
+            mask = torch.arange(compact.shape[1])[None] < ln[:, None]
+            rows = torch.arange(len(idx))[:, None].expand_as(cols)
+            full[rows[mask], cols[mask]] = compact[mask]
+            out["teacher_logits"] = full.to(device)
+        return out
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"buffers": [{"x": b.x, "y": b.y, "offset": b.offset, "length": b.length, "features": b.features,
+                             "logits": b.logits, "task": b.task} for b in self.buffers]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Memory":
+        return cls([Buffer(**b) for b in state["buffers"]])
