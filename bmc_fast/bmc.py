@@ -54,6 +54,7 @@ class BMCConfig:
     val_fraction: float = 0.0         # validation split carved from the memory (never test data)
     lr_patience: int = 5              # ReduceLROnPlateau patience (epochs) when val_fraction > 0
     early_stopping: int = 0           # stop after this many epochs without improvement (0: never)
+    consolidation_ce: str = "seen"    # "seen": CE over all classes seen so far; "task": over each sample's task range
     full_head: bool = False           # class-IL argmax over the whole head (as the authors' code)
     keep_expert_states: bool = False
     dropout: float = 0.3              # of the default ResMLP backbone
@@ -90,13 +91,15 @@ class BMCConfig:
             raise ValueError(f"BMCConfig.stability must be 'feature' or 'weight', got {self.stability!r}")
         if self.buffer_dtype not in ("float32", "float16"):
             raise ValueError(f"BMCConfig.buffer_dtype must be 'float32' or 'float16', got {self.buffer_dtype!r}")
+        if self.consolidation_ce not in ("seen", "task"):
+            raise ValueError(f"BMCConfig.consolidation_ce must be 'seen' or 'task', got {self.consolidation_ce!r}")
         if self.losses not in ("fused", "reference"):
             raise ValueError(f"BMCConfig.losses must be 'fused' or 'reference', got {self.losses!r}")
-        resolve_parallel(self.parallel, "cuda" if self.parallel == "streams" else "cpu")
         try:
             torch.device(self.device)
         except RuntimeError as exc:
             raise ValueError(f"BMCConfig.device: {exc}") from exc
+        resolve_parallel(self.parallel, self.device)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "BMCConfig":
@@ -145,8 +148,16 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
     total_steps = cfg.consolidation_epochs * -(-len(train_mem) // cfg.consolidation_batch_size)
     bar = _progress(cfg, total_steps, "consolidation")
 
+    # The CE range of every sample: its own task's classes ("task"), or every class seen so far
+    # ("seen"): only the latter teaches the head to tell tasks apart (class-IL).
+    seen = max(b.offset + b.length for b in memory.buffers)
+
     def loss_of(b, train: bool):
-        x, y, off, ln = b["x"], b["y"], b["offset"], b["length"]
+        x, y = b["x"], b["y"]
+        if cfg.consolidation_ce == "seen":
+            off, ln = torch.zeros_like(b["offset"]), torch.full_like(b["length"], seen)
+        else:
+            off, ln = b["offset"], b["length"]
         if train and beta is not None:
             lam = float(beta.sample())
             perm = torch.randperm(x.shape[0], generator=gen).to(device)
@@ -161,8 +172,8 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
             loss = loss + cfg.distill_coef * L.batched_distillation_loss(
                 h.float(), b["features"], b["buffer_id"], j, reduction="mean")
         if cfg.kd_coef > 0 and "teacher_logits" in b and not (train and beta is not None):
-            loss = loss + cfg.kd_coef * L.task_masked_kd_loss(logits.float(), b["teacher_logits"], off, ln,
-                                                              cfg.kd_temperature)
+            loss = loss + cfg.kd_coef * L.task_masked_kd_loss(logits.float(), b["teacher_logits"], b["offset"],
+                                                              b["length"], cfg.kd_temperature)
         return loss
 
     for epoch in range(cfg.consolidation_epochs):

@@ -50,8 +50,9 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
-    """All trainable parameters of ``model`` as one flat vector (in ``named_parameters`` order)."""
-    return torch.cat([p.reshape(-1) for p in model.parameters() if p.requires_grad])
+    """All parameters of ``model`` as one flat vector, in ``named_parameters`` order (the order
+    of the stacked parameters too)."""
+    return torch.cat([p.reshape(-1) for p in model.parameters()])
 
 
 def _gen(*seed_parts: int) -> torch.Generator:
@@ -159,7 +160,7 @@ def _train_stacked(base, frozen, batch, base_features, base_flat, importance, k,
     members = [copy.deepcopy(base).train() for _ in range(k)]
     params, buffers = stack_module_state(members)
     params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-    skeleton = copy.deepcopy(base).to("meta")
+    skeleton = copy.deepcopy(base).to("meta").train()  # whatever mode the base was left in
     opt = adamw(params.values(), cfg.lr, cfg.weight_decay)
 
     def fwd(p, b, x):

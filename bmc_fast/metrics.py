@@ -70,7 +70,8 @@ class Result:
     @property
     def average_accuracy_curve(self) -> list:
         """Mean class-IL accuracy over the tasks seen so far, after each task."""
-        return [float(np.nanmean(self.cil_matrix[i, : i + 1])) for i in range(len(self.task_names))]
+        rows = [self.cil_matrix[i, : i + 1] for i in range(len(self.task_names))]
+        return [float(np.mean(r[~np.isnan(r)])) if (~np.isnan(r)).any() else float("nan") for r in rows]
 
     def _consolidated_before_last_step(self) -> int:
         return self.step_starts[-1] if self.step_starts else len(self.task_names) - 1

@@ -1,0 +1,237 @@
+"""The BMC trainer end to end on the embedded digits stream, with tiny settings."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import bmc_fast
+from bmc_fast import BMC, BMCConfig
+from bmc_fast.data import Task, TaskStream, demo_stream
+from bmc_fast.experts import train_experts
+from bmc_fast.memory import Buffer, Memory, even_quotas
+from bmc_fast.metrics import Result
+from bmc_fast.models import ResMLP
+
+TINY = dict(epochs=1, consolidation_epochs=2, batch_size=32, consolidation_batch_size=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return demo_stream()
+
+
+class _MLP(torch.nn.Module):
+    """No BatchNorm: with BN, biases in front of a BN get an exactly-zero true gradient whose
+    rounding noise Adam normalises to full-size steps, so two summation orders drift apart in
+    those (output-irrelevant) directions; without BN the modes agree to float tolerance."""
+
+    def __init__(self, d, c):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32), torch.nn.Tanh())
+        self.head = torch.nn.Linear(32, c)
+
+    def forward(self, x):
+        h = self.f(x)
+        return self.head(h), h
+
+
+@pytest.mark.parametrize("stability", ["feature", "weight"])
+def test_modes_train_the_same_experts(stream, stability):
+    torch.manual_seed(0)
+    base = _MLP(stream.input_dim, stream.num_classes)
+    out = {}
+    for mode in ("stacked", "sequential"):
+        cfg = BMCConfig(n_experts=3, parallel=mode, epochs=2, batch_size=32, keep_expert_states=True, progress=False,
+                        stability=stability, lr=1e-3)
+        out[mode] = train_experts(base, stream, [0, 1, 2], cfg, seed=5, use_stability=True)
+    for a, b in zip(out["stacked"], out["sequential"]):
+        assert a.task == b.task
+        for name in a.state:
+            torch.testing.assert_close(a.state[name], b.state[name], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"task {a.task} {name}: {m}")
+        torch.testing.assert_close(a.buffer.features, b.buffer.features, rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_batchnorm_keeps_per_expert_statistics(stream):
+    torch.manual_seed(0)
+    base = ResMLP(stream.input_dim, stream.num_classes, dropout=0.0)
+    cfg = BMCConfig(n_experts=3, parallel="stacked", epochs=1, batch_size=32, keep_expert_states=True, progress=False)
+    arts = train_experts(base, stream, [0, 1, 2], cfg, seed=5)
+    rm = [a.state["block1.bn1.running_mean"] for a in arts]
+    assert not torch.allclose(rm[0], rm[1]) and not torch.allclose(rm[1], rm[2])
+    assert all(int(a.state["block1.bn1.num_batches_tracked"]) == 8 for a in arts)
+
+
+def test_weight_stability_mode_and_kd_and_float16_buffers(stream):
+    cfg = BMCConfig(n_experts=5, stability="weight", kd_coef=1.0, store_logits=True, buffer_dtype="float16",
+                    buffer_size=0.5, stability_first_step=True, **TINY)
+    bmc = BMC(cfg)
+    res = bmc.fit(stream)
+    assert bmc.memory.logits is not None and bmc.memory.logits.dtype == torch.float16
+    assert len(bmc.memory.buffers) == 5
+    assert all(len(b) == round(0.5 * len(t.x_train)) for b, t in zip(bmc.memory.buffers, stream))
+    assert np.isfinite(res.final_cil_accuracy)
+
+
+def test_fit_metrics_callback_and_events(stream):
+    seen, events = [], []
+    res = BMC(BMCConfig(n_experts=2, **TINY)).fit(stream, on_task_end=lambda i, m: seen.append(i), events=events.append)
+    assert seen == [0, 1, 2, 3, 4]
+    t = len(stream)
+    assert res.cil_matrix.shape == (t, t) and np.isnan(res.cil_matrix[0, 1]) and not np.isnan(res.cil_matrix[4, 0])
+    assert res.step_starts == [0, 2, 4]
+    assert {"experts_s", "consolidation_s", "evaluation_s"} <= set(res.timings)
+    assert {e["event"] for e in events} >= {"step_start", "experts_done", "consolidation_done", "task_end"}
+    # forgetting and BWT from the matrix definition
+    a = res.cil_matrix
+    assert res.forgetting == pytest.approx(np.mean([np.nanmax(a[:4, j]) - a[4, j] for j in range(4)]))
+    assert res.backward_transfer == pytest.approx(np.mean([a[4, j] - a[j, j] for j in range(4)]))
+
+
+def test_parity_preset(stream):
+    cfg = BMCConfig.preset("parity", **TINY)
+    assert cfg.n_experts == 1 and cfg.distill_coef == 0 and cfg.stability_coef == 0 and cfg.full_head
+    res = BMC(cfg).fit(stream)
+    assert 0 <= res.final_cil_accuracy <= 1
+
+
+def test_result_json_roundtrip_and_plot(stream, tmp_path):
+    res = BMC(BMCConfig(n_experts=5, **TINY)).fit(stream)
+    path = res.save(tmp_path / "r.json")
+    back = Result.load(path)
+    np.testing.assert_equal(back.cil_matrix, res.cil_matrix)
+    assert back.final_cil_accuracy == res.final_cil_accuracy
+    png = res.plot(tmp_path / "r.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def _task(name, n=20, c=2, d=8, **kw):
+    x = torch.randn(n, d)
+    y = torch.arange(n) % c
+    args = dict(x_train=x, y_train=y, x_test=x[:5], y_test=y[:5], num_classes=c)
+    args.update(kw)
+    return Task(name, **args)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: _task("a", y_train=torch.arange(20) % 3), "y_train"),
+    (lambda: _task("a", num_classes=1, y_train=torch.zeros(20, dtype=torch.long), y_test=torch.zeros(5, dtype=torch.long)),
+     "num_classes"),
+    (lambda: _task("a", x_train=torch.zeros(0, 8), y_train=torch.zeros(0, dtype=torch.long)), "empty"),
+    (lambda: _task("a", x_test=torch.randn(5, 9)), "feature shapes"),
+    (lambda: _task("a", y_train=torch.arange(19) % 2), "samples"),
+    (lambda: _task("a", x_train=torch.full((20, 8), float("nan"))), "NaN"),
+    (lambda: TaskStream([_task("a"), _task("b", d=9)]), "input shape"),
+    (lambda: TaskStream([]), "at least one task"),
+    (lambda: TaskStream([_task("a"), _task("a")]), "unique"),
+    (lambda: BMCConfig(n_experts=0), "n_experts"),
+    (lambda: BMCConfig(parallel="threads"), "parallel"),
+    (lambda: BMCConfig(parallel="streams"), "cuda"),
+    (lambda: BMCConfig(buffer_size=-1), "buffer_size"),
+    (lambda: BMCConfig(stability="both"), "stability"),
+])
+def test_bad_input_is_refused_before_training(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        bad()
+
+
+def test_fit_rejects_a_model_with_the_wrong_outputs():
+    s = TaskStream([_task("a"), _task("b")])
+    with pytest.raises(ValueError, match="logits"):
+        BMC(BMCConfig(**TINY), model_fn=lambda d, c: torch.nn.Linear(d, c)).fit(s)
+
+
+def test_memory_quotas_and_balanced_sampler():
+    assert even_quotas([10, 3, 100], 30) == [10, 3, 17]
+    assert even_quotas([7, 7, 7], 10) == [4, 3, 3]
+    assert sum(even_quotas([50] * 71, 1000)) == 1000
+    g = torch.Generator().manual_seed(0)
+    bufs = [Buffer(torch.randn(n, 4), torch.full((n,), 2 * i), 2 * i, 2, torch.randn(n, 3), task=i)
+            for i, n in enumerate([40, 9, 100])]
+    mem = Memory()
+    mem.add(bufs, 60, g)
+    assert [len(b) for b in mem.buffers] == [26, 9, 25]  # even quotas, water-filled, remainder first
+    idx = mem.balanced_indices(12, g)
+    counts = torch.stack([mem.buffer_id[r].bincount(minlength=3) for r in idx])
+    assert (counts == 4).all()
+    # old samples keep their targets through a resample
+    before = {tuple(x.tolist()): f for x, f in zip(mem.x, mem.features)}
+    mem.add([Buffer(torch.randn(30, 4), torch.full((30,), 6), 6, 2, torch.randn(30, 3), task=3)], 40, g)
+    for x, f in zip(mem.x, mem.features):
+        if tuple(x.tolist()) in before:
+            assert torch.equal(before[tuple(x.tolist())], f)
+
+
+RUN = """
+import os, sys, json, torch
+import bmc_fast
+from bmc_fast import BMC, BMCConfig
+from bmc_fast.data import demo_stream
+ckpt, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
+cfg = BMCConfig(n_experts=2, epochs=1, consolidation_epochs=2, batch_size=32, consolidation_batch_size=32,
+                progress=False, seed=3)
+def cb(i, m):
+    if mode == "crash" and i == 3:   # after the checkpoint of step 1 (tasks 2-3): die hard
+        os._exit(17)
+res = BMC(cfg).fit(demo_stream(), on_task_end=cb, checkpoint_dir=ckpt if mode != "plain" else None,
+                   resume=(mode == "resume"))
+res.save(out)
+"""
+
+
+def test_checkpoint_resume_after_a_kill_gives_the_same_result(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(RUN))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ck = str(tmp_path / "ck")
+
+    def run(mode, out):
+        return subprocess.run([sys.executable, str(script), ck, mode, str(tmp_path / out)], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    crash = run("crash", "unused.json")
+    assert crash.returncode == 17, crash.stderr
+    assert os.path.exists(os.path.join(ck, "bmc-checkpoint.pt"))
+    assert not [f for f in os.listdir(ck) if f.startswith(".tmp")]
+    resumed = run("resume", "resumed.json")
+    assert resumed.returncode == 0, resumed.stderr
+    plain = run("plain", "plain.json")
+    assert plain.returncode == 0, plain.stderr
+    a, b = Result.load(tmp_path / "resumed.json"), Result.load(tmp_path / "plain.json")
+    np.testing.assert_allclose(a.cil_matrix, b.cil_matrix, equal_nan=True)
+    np.testing.assert_allclose(a.til_matrix, b.til_matrix, equal_nan=True)
+
+
+def test_checkpoint_refuses_code_and_other_streams(tmp_path):
+    from bmc_fast.checkpoint import load_checkpoint
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, bad)
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        load_checkpoint(bad)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_run_writes_results(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "bmc_fast", "run", "--epochs", "1", "--consolidation-epochs", "1",
+                        "--experts", "5", "--out", str(out), "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    methods = {e["method"] for e in events if e["event"] == "result"}
+    assert methods == {"bmc", "finetune", "joint"}
+    assert (out / "bmc.json").exists() and (out / "bmc.png").exists()
+    bad = subprocess.run([sys.executable, "-m", "bmc_fast", "run", "--experts", "0", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "n_experts" in bad.stderr
