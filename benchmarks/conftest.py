@@ -30,7 +30,7 @@ def _table(rows):
             "| GB/s | % copy BW | peak MB (bmc/eager/compiled) |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        mem = "/".join("-" if r.get(f"mem_{p}_mb") is None else f"{r[f'mem_{p}_mb']:.0f}"
+        mem = "/".join("-" if r.get(f"mem_{p}_mb") is None else f"{r[f'mem_{p}_mb']:.1f}"
                        for p in ("bmc_fast", "eager", "compiled"))
         lines.append(
             f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['shape']} | {r['t_bmc_fast_ms']:.3f} "

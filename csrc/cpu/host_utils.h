@@ -120,6 +120,17 @@ inline at::Tensor reduce_terms(const std::vector<double>& terms, Reduction r, in
   return at::scalar_tensor(s, opts).to(out_dtype);
 }
 
+// The loss of a per-row op (masked CE, KD): [N] for "none", else the sum in row order, divided
+// by `mean_divisor` for "mean" (0 / 0 gives NaN, as torch's mean of nothing).
+inline at::Tensor reduce_rows(const std::vector<double>& rows, Reduction r, double mean_divisor,
+                              at::ScalarType out_dtype) {
+  if (r == Reduction::None) return reduce_terms(rows, r, 0, out_dtype);
+  double s = 0.0;
+  for (double v : rows) s += v;
+  if (r == Reduction::Mean) s /= mean_divisor;
+  return at::scalar_tensor(s, at::TensorOptions().dtype(at::kDouble)).to(out_dtype);
+}
+
 // Per-expert values in the accumulation dtype.
 inline at::Tensor to_acc_tensor(const std::vector<double>& v, at::ScalarType acc) {
   at::Tensor out = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kDouble));

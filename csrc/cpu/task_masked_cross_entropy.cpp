@@ -97,15 +97,7 @@ std::tuple<at::Tensor, at::Tensor> task_masked_cross_entropy_cpu(
   std::vector<double> row_loss;
   BMC_CPU_CALL(task_masked_cross_entropy_kernel, x, y, o, l, ignore_index, scale,
                compute_grad ? grad : at::Tensor(), row_loss);
-  at::Tensor loss;
-  if (red == Reduction::None) {
-    loss = reduce_terms(row_loss, red, 0, logits.scalar_type());
-  } else {
-    double s = 0.0;
-    for (double v : row_loss) s += v;
-    if (red == Reduction::Mean) s = s / static_cast<double>(counted);
-    loss = at::scalar_tensor(s, at::TensorOptions().dtype(at::kDouble)).to(logits.scalar_type());
-  }
+  const at::Tensor loss = reduce_rows(row_loss, red, static_cast<double>(counted), logits.scalar_type());
   return {loss, grad};
 }
 

@@ -120,15 +120,7 @@ std::tuple<at::Tensor, at::Tensor> task_masked_kd_loss_cpu(
   std::vector<double> row_loss;
   BMC_CPU_CALL(task_masked_kd_loss_kernel, s, t, off.const_data_ptr<int64_t>(),
                len.const_data_ptr<int64_t>(), temperature, scale, compute_grad ? grad : at::Tensor(), row_loss);
-  at::Tensor loss;
-  if (red == Reduction::None) {
-    loss = reduce_terms(row_loss, red, 0, student_logits.scalar_type());
-  } else {
-    double total = 0.0;
-    for (double v : row_loss) total += v;
-    if (red == Reduction::Mean) total = total / static_cast<double>(N);
-    loss = at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble)).to(student_logits.scalar_type());
-  }
+  const at::Tensor loss = reduce_rows(row_loss, red, static_cast<double>(N), student_logits.scalar_type());
   return {loss, grad};
 }
 

@@ -140,12 +140,16 @@ void chunked_sqdiff(const T* a, const T* b, int64_t b_stride, const acc_t* w, in
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / chunk_len);
   at::parallel_for(0, K * nc, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t k = t / nc, start = (t % nc) * kChunk;
+      // With a broadcast b (weight stability) the K rows of one chunk are neighbours in t, so the
+      // chunk of b (and w) is read from memory once and from cache for the other K - 1 rows.
+      const int64_t k = b_stride == 0 ? t % K : t / nc;
+      const int64_t c = b_stride == 0 ? t / K : t % nc;
+      const int64_t start = c * kChunk;
       const int64_t len = std::min(kChunk, M - start);
       const T* ak = a + k * M + start;
       const T* bk = b + k * b_stride + start;
       const acc_t* wk = w == nullptr ? nullptr : w + start;
-      partial[t] = grad != nullptr
+      partial[k * nc + c] = grad != nullptr
           ? sqdiff_span<true>(ak, bk, wk, len, static_cast<acc_t>(scale[k]), grad + k * M + start)
           : sqdiff_span<false>(ak, bk, wk, len, acc_t(0), static_cast<T*>(nullptr));
     }
