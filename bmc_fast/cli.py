@@ -58,7 +58,22 @@ def _run(args) -> int:
         f"preset {args.preset}, {cfg.n_experts} experts ({cfg.parallel}), device {cfg.device}")
     t0 = time.perf_counter()
     bmc = BMC(cfg)
-    res = bmc.fit(stream, checkpoint_dir=args.checkpoint_dir, resume=args.resume, events=emit)
+    if args.distributed:
+        from .distributed import DistributedError, fit_distributed, init_from_env, shutdown
+
+        try:
+            rank, _ = init_from_env(timeout_s=args.timeout)
+            res = fit_distributed(bmc, stream, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                                  events=emit if rank == 0 else None)
+        except DistributedError as exc:
+            print(f"bmc-fast: {exc}", file=sys.stderr)
+            shutdown()
+            return 3
+        shutdown()
+        if rank != 0:
+            return 0
+    else:
+        res = bmc.fit(stream, checkpoint_dir=args.checkpoint_dir, resume=args.resume, events=emit)
     res.method = "bmc" if args.preset == "paper" else "bmc-parity"
     say(f"BMC done in {time.perf_counter() - t0:.1f} s")
     results = [res]
@@ -107,6 +122,9 @@ def main(argv=None) -> int:
     r.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     r.add_argument("--out", default="bmc_out", help="folder for results (JSON) and the plot")
     r.add_argument("--no-baselines", action="store_true")
+    r.add_argument("--distributed", action="store_true",
+                   help="run under torchrun: experts on every rank, consolidation on rank 0")
+    r.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait (--distributed)")
     r.add_argument("--json", action="store_true", help="print a JSON event log instead of text")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_run)

@@ -1,0 +1,139 @@
+"""Distributed BMC with ``torch.distributed`` (launched by ``torchrun``; gloo on CPU, nccl on GPU).
+
+Rank 0 owns the base model, the memory and consolidation. Every incremental step, rank 0
+broadcasts the base state, the K tasks of the step are dealt to the ranks (``ids[rank::world]``,
+several experts per rank stacked on that rank), each rank trains its experts and builds their
+buffers from its own copy of the stream (task data never goes through rank 0), the artifacts are
+gathered to rank 0, which consolidates and evaluates. Every collective runs under a timeout and a
+failure names the phase, so a dead or hung rank ends the job with an error instead of a hang;
+with checkpoints on, rerunning the same command resumes from the last completed step.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from .bmc import BMC, _fingerprint, consolidate
+from .checkpoint import load_checkpoint, save_checkpoint
+from .experts import _gen, train_experts
+from .memory import Memory
+from .metrics import Result
+
+__all__ = ["fit_distributed", "init_from_env", "shutdown"]
+
+
+class DistributedError(RuntimeError):
+    pass
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
+    """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT); returns (rank, world size)."""
+    if not dist.is_initialized():
+        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise DistributedError(f"distributed BMC needs torchrun (or the variables {missing}) to be set")
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown() -> None:
+    """Destroys the process group (call it before exiting, also after an error)."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer may already be gone
+            pass
+
+
+def _collective(phase: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # gloo raises RuntimeError on a dead peer or a timeout
+        raise DistributedError(f"distributed BMC: phase '{phase}' failed on rank {dist.get_rank()}: a peer "
+                               f"rank died, hung past the timeout, or disagrees ({exc})") from exc
+
+
+def _check_agreement(stream, cfg, rank, world):
+    mine = {"fingerprint": _fingerprint(stream), "config": json.dumps({**cfg.to_dict(), "progress": None},
+                                                                      sort_keys=True)}
+    everyone = [None] * world
+    _collective("startup check", dist.all_gather_object, everyone, mine)
+    for r, other in enumerate(everyone):
+        if other["fingerprint"] != mine["fingerprint"]:
+            raise DistributedError(f"rank {r} has a different task stream than rank {rank}: every rank must "
+                                   "read the same stream definition")
+        if other["config"] != mine["config"]:
+            raise DistributedError(f"rank {r} has a different BMCConfig than rank {rank}")
+    if world > cfg.n_experts:
+        raise DistributedError(f"world size {world} is larger than the {cfg.n_experts} tasks of a step "
+                               "(n_experts): some ranks would have nothing to train")
+
+
+def fit_distributed(bmc: BMC, stream, checkpoint_dir=None, resume: bool = False, events=None) -> Result | None:
+    """Runs ``bmc.fit`` across the ranks of the default process group. Returns the Result on
+    rank 0 and None on the other ranks. Same seed, same result as the single-process run."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = bmc.config
+    _check_agreement(stream, cfg, rank, world)
+    device = torch.device(cfg.device)
+    k = cfg.n_experts
+    steps = [list(range(s, min(s + k, len(stream)))) for s in range(0, len(stream), k)]
+    torch.manual_seed(cfg.seed)
+    bmc.model = bmc.model_fn(stream.input_dim, stream.num_classes).to(device)
+    bmc.memory = Memory()
+    result = Result.empty([t.name for t in stream], step_starts=[s[0] for s in steps], config=cfg.to_dict())
+    timings = {"experts_s": 0.0, "gather_s": 0.0, "consolidation_s": 0.0, "evaluation_s": 0.0}
+    ckpt = os.path.join(checkpoint_dir, "bmc-checkpoint.pt") if checkpoint_dir else None
+    start = 0
+    if rank == 0 and resume and ckpt and os.path.exists(ckpt):
+        state = load_checkpoint(ckpt)
+        if state.get("fingerprint") != _fingerprint(stream):
+            raise DistributedError(f"checkpoint {ckpt} was made on a different task stream")
+        bmc.model.load_state_dict(state["model"])
+        bmc.memory = Memory.from_state_dict(state["memory"])
+        result.cil_matrix, result.til_matrix = state["cil"].numpy().copy(), state["til"].numpy().copy()
+        start = int(state["step"]) + 1
+    box = [start]
+    _collective("resume", dist.broadcast_object_list, box, src=0)
+    start = box[0]
+
+    for s in range(start, len(steps)):
+        ids = steps[s]
+        seed = hash((cfg.seed, s)) % (2**62)
+        for name, t in bmc.model.state_dict().items():  # the base, from rank 0
+            _collective(f"step {s}: broadcast base", dist.broadcast, t, src=0)
+        mine = ids[rank::world]
+        t0 = time.perf_counter()
+        arts = train_experts(bmc.model, stream, mine, cfg, seed,
+                             use_stability=(s > 0 or cfg.stability_first_step)) if mine else []
+        timings["experts_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gathered = [None] * world if rank == 0 else None
+        _collective(f"step {s}: gather artifacts", dist.gather_object, arts, gathered, dst=0)
+        timings["gather_s"] += time.perf_counter() - t0
+        if rank == 0:
+            arts = sorted((a for part in gathered for a in part), key=lambda a: a.task)
+            for t in ids[:-1]:
+                bmc._evaluate(stream, t, result, timings, None, events)
+            bmc.memory.add([a.buffer for a in arts], cfg.memory_size, _gen(seed, 5))
+            t0 = time.perf_counter()
+            consolidate(bmc.model, bmc.memory, cfg, stream.num_classes, seed)
+            timings["consolidation_s"] += time.perf_counter() - t0
+            bmc._evaluate(stream, ids[-1], result, timings, None, events)
+            if ckpt:
+                save_checkpoint({
+                    "step": s, "model": {n: v.detach().cpu() for n, v in bmc.model.state_dict().items()},
+                    "memory": bmc.memory.state_dict(), "cil": torch.from_numpy(result.cil_matrix),
+                    "til": torch.from_numpy(result.til_matrix), "timings": json.dumps(timings),
+                    "rng_torch": torch.get_rng_state(), "config": json.dumps(cfg.to_dict()),
+                    "fingerprint": _fingerprint(stream)}, ckpt)
+        _collective(f"step {s}: end barrier", dist.barrier)
+    result.timings = timings
+    return result if rank == 0 else None

@@ -1,0 +1,121 @@
+"""Distributed BMC: 2 gloo processes on loopback."""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from bmc_fast.metrics import Result
+
+CFG = dict(n_experts=2, epochs=1, consolidation_epochs=2, batch_size=32, consolidation_batch_size=32,
+           dropout=0.0, progress=False, seed=4)
+
+SCRIPT = """
+import os, sys, torch
+torch.set_num_threads(1)
+from bmc_fast import BMC, BMCConfig
+from bmc_fast.data import demo_stream
+from bmc_fast.distributed import init_from_env, fit_distributed
+import bmc_fast.distributed as D
+mode, out = sys.argv[1], sys.argv[2]
+cfg = BMCConfig(**{CFG})
+
+
+class MLP(torch.nn.Module):  # no BatchNorm: see tests/test_trainer.py::_MLP
+    def __init__(self, d, c):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32), torch.nn.Tanh())
+        self.head = torch.nn.Linear(32, c)
+
+    def forward(self, x):
+        h = self.f(x)
+        return self.head(h), h
+
+
+if mode == "single":
+    BMC(cfg, model_fn=MLP).fit(demo_stream()).save(out)
+    sys.exit(0)
+if mode == "mismatch" and os.environ["RANK"] == "1":
+    cfg = BMCConfig(**{{**{CFG}, "lr": 0.5}})
+if mode == "toobig":
+    cfg = BMCConfig(**{{**{CFG}, "n_experts": 1}})
+rank, world = init_from_env("gloo", timeout_s=30)
+if mode == "die" and rank == 1:
+    real = D.train_experts
+    def dying(*a, **k):
+        os._exit(3)
+    D.train_experts = dying
+try:
+    res = fit_distributed(BMC(cfg, model_fn=MLP), demo_stream())
+except Exception as exc:
+    print(f"ERROR {{type(exc).__name__}}: {{exc}}", flush=True)
+    D.shutdown()
+    sys.exit(5)
+if rank == 0:
+    res.save(out)
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write(tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(CFG=repr(CFG))))
+    return script
+
+
+def _launch(tmp_path, mode):
+    script = _write(tmp_path)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(tmp_path / "res.json")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            o, e = p.communicate()
+            o += "\nTIMEOUT"
+        outs.append((p.returncode, o, e))
+    return outs
+
+
+def test_two_processes_give_the_single_process_result(tmp_path):
+    outs = _launch(tmp_path, "ok")
+    assert all(rc == 0 for rc, _, _ in outs), outs
+    dist_res = Result.load(tmp_path / "res.json")
+    r = subprocess.run([sys.executable, str(_write(tmp_path)), "single", str(tmp_path / "single.json")],
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    single = Result.load(tmp_path / "single.json")
+    # Same seed, same result: one expert per rank vs two stacked experts in one process differ only
+    # by float rounding.
+    np.testing.assert_allclose(dist_res.cil_matrix, single.cil_matrix, atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(dist_res.til_matrix, single.til_matrix, atol=1e-9, equal_nan=True)
+
+
+def test_a_dying_rank_fails_the_job_with_the_phase_named(tmp_path):
+    outs = _launch(tmp_path, "die")
+    assert outs[1][0] == 3
+    rc0, out0, err0 = outs[0]
+    assert rc0 == 5 and "TIMEOUT" not in out0, (out0, err0)
+    assert "phase 'step 0: gather artifacts'" in out0 and "rank 0" in out0
+
+
+@pytest.mark.parametrize("mode, match", [("mismatch", "different BMCConfig"), ("toobig", "world size 2")])
+def test_bad_configuration_is_refused_before_training(tmp_path, mode, match):
+    outs = _launch(tmp_path, mode)
+    assert all(rc == 5 for rc, _, _ in outs), outs
+    assert any(match in o for _, o, _ in outs), outs
