@@ -50,8 +50,10 @@ def _run(args) -> int:
         if args.json:
             print(json.dumps(record), flush=True)
 
+    quiet = args.quiet or (args.distributed and os.environ.get("RANK", "0") != "0")
+
     def say(msg):
-        if not args.json and not args.quiet:
+        if not args.json and not quiet:
             print(msg, flush=True)
 
     say(f"bmc_fast: {len(stream)} tasks, {stream.num_classes} classes, input dim {stream.input_dim}, "

@@ -43,13 +43,16 @@ if mode == "mismatch" and os.environ["RANK"] == "1":
 if mode == "toobig":
     cfg = BMCConfig(**{{**{CFG}, "n_experts": 1}})
 rank, world = init_from_env("gloo", timeout_s=30)
-if mode == "die" and rank == 1:
+ckpt = sys.argv[3] if len(sys.argv) > 3 else None
+if mode in ("die", "die_late") and rank == 1:
     real = D.train_experts
-    def dying(*a, **k):
-        os._exit(3)
+    def dying(model, stream, ids, *a, **k):
+        if mode == "die" or ids[0] >= 2:  # die_late: after step 0 was checkpointed
+            os._exit(3)
+        return real(model, stream, ids, *a, **k)
     D.train_experts = dying
 try:
-    res = fit_distributed(BMC(cfg, model_fn=MLP), demo_stream())
+    res = fit_distributed(BMC(cfg, model_fn=MLP), demo_stream(), checkpoint_dir=ckpt, resume=ckpt is not None)
 except Exception as exc:
     print(f"ERROR {{type(exc).__name__}}: {{exc}}", flush=True)
     D.shutdown()
@@ -71,14 +74,15 @@ def _write(tmp_path):
     return script
 
 
-def _launch(tmp_path, mode):
+def _launch(tmp_path, mode, ckpt=None):
     script = _write(tmp_path)
     port = _free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(tmp_path / "res.json")], env=env,
+        extra = [str(ckpt)] if ckpt else []
+        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(tmp_path / "res.json")] + extra, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
     for p in procs:
@@ -119,3 +123,18 @@ def test_bad_configuration_is_refused_before_training(tmp_path, mode, match):
     outs = _launch(tmp_path, mode)
     assert all(rc == 5 for rc, _, _ in outs), outs
     assert any(match in o for _, o, _ in outs), outs
+
+
+def test_rerun_after_a_dead_rank_resumes_from_the_checkpoint(tmp_path):
+    ck = tmp_path / "ck"
+    outs = _launch(tmp_path, "die_late", ck)
+    assert outs[1][0] == 3 and outs[0][0] == 5, outs
+    assert (ck / "bmc-checkpoint.pt").exists()
+    outs = _launch(tmp_path, "ok", ck)
+    assert all(rc == 0 for rc, _, _ in outs), outs
+    resumed = Result.load(tmp_path / "res.json")
+    r = subprocess.run([sys.executable, str(_write(tmp_path)), "single", str(tmp_path / "single.json")],
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    single = Result.load(tmp_path / "single.json")
+    np.testing.assert_allclose(resumed.cil_matrix, single.cil_matrix, atol=1e-9, equal_nan=True)
