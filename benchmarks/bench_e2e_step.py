@@ -10,7 +10,6 @@ import os
 import statistics
 import time
 
-import pytest
 import torch
 
 from bmc_fast.bmc import BMCConfig, consolidate

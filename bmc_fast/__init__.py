@@ -1,7 +1,7 @@
 """bmc_fast: Batch Model Consolidation for continual learning, with fused CPU/CUDA losses."""
 import torch  # noqa: F401  (loads libtorch before the extension, which has no RPATH to it)
 
-from . import _ext
+from . import _ext  # noqa: F401  (loads _C first: registers torch.ops.bmc_fast)
 from ._ext import backend_info
 from .ops import (
     batched_distillation_loss,

@@ -4,14 +4,13 @@ Never imports the compiled extension directly: the losses come through ``bmc_fas
 ``bmc_fast.reference`` (``losses="reference"``, the baseline of the end-to-end benchmark)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -264,7 +263,7 @@ class BMC:
             state = load_checkpoint(ckpt)
             if state.get("fingerprint") != _fingerprint(stream):
                 raise ValueError(f"checkpoint {ckpt} was made on a different task stream")
-            if json.loads(state["config"]) != {**cfg.to_dict(), "progress": state_cfg_progress(state, cfg)}:
+            if _config_key(json.loads(state["config"])) != _config_key(cfg.to_dict()):
                 raise ValueError(f"checkpoint {ckpt} was made with a different BMCConfig")
             self.model.load_state_dict(state["model"])
             self.memory = Memory.from_state_dict(state["memory"])
@@ -322,6 +321,6 @@ class BMC:
             on_task_end(t, self.model)
 
 
-def state_cfg_progress(state, cfg):
-    """The progress-bar setting does not change results: resuming may change it."""
-    return json.loads(state["config"]).get("progress")
+def _config_key(d: dict) -> dict:
+    """The configuration that determines results (progress bars do not: resuming may change them)."""
+    return {k: v for k, v in d.items() if k != "progress"}

@@ -23,7 +23,6 @@ def _table(results) -> str:
 
 
 def _run(args) -> int:
-    import torch
 
     from .baselines import finetune, joint
     from .bmc import BMC, BMCConfig

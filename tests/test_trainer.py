@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import bmc_fast
 from bmc_fast import BMC, BMCConfig
 from bmc_fast.data import Task, TaskStream, demo_stream
 from bmc_fast.experts import train_experts
