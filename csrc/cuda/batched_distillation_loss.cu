@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_distillation_loss_cuda(
   const at::ScalarType acc = acc_type(student.scalar_type());
   const at::Tensor w = checked_weights(weights, num_experts, student, acc);
   const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
-  if (N > 0) {  // one sync for the range check
+  if (N > 0 && !capturing()) {  // one sync for the range check
     const auto [lo, hi] = at::aminmax(ids);
     const at::Tensor both = at::stack({lo, hi}).cpu();
     const int64_t mn = both[0].item<int64_t>(), mx = both[1].item<int64_t>();
@@ -60,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_distillation_loss_cuda(
     using A = acc_t<T>;
     const A* wp = w.defined() ? w.const_data_ptr<A>() : nullptr;
     if (N > 0) {
-      count_ids_kernel<int64_t><<<blocks_for(N, kBlock), kBlock, 0, stream>>>(ids.const_data_ptr<int64_t>(), N,
-                                                                              counts.mutable_data_ptr<int>());
+      count_ids_kernel<int64_t><<<blocks_for(N, kBlock), kBlock, 0, stream>>>(
+          ids.const_data_ptr<int64_t>(), N, num_experts, counts.mutable_data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     expert_scale_kernel<A><<<1, kBlock, 0, stream>>>(counts.const_data_ptr<int>(), num_experts, D, wp,
@@ -70,7 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_distillation_loss_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (N > 0) {
       sqdiff_rows_kernel<T><<<blocks_for(N, kBlock / kWarp), kBlock, 0, stream>>>(
-          cptr<scalar_t>(s), cptr<scalar_t>(t), ids.const_data_ptr<int64_t>(), N, D, scale.const_data_ptr<A>(),
+          cptr<scalar_t>(s), cptr<scalar_t>(t), ids.const_data_ptr<int64_t>(), N, D, num_experts,
+          scale.const_data_ptr<A>(),
           mptr<scalar_t>(grad), row_sum.mutable_data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

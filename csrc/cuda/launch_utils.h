@@ -7,6 +7,7 @@
 #include <ATen/ops/all.h>
 #include <ATen/ops/logical_and.h>
 #include <ATen/ops/isfinite.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_bf16.h>
@@ -28,6 +29,14 @@ template <typename S>
 typename CudaType<S>::type* mptr(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? reinterpret_cast<typename CudaType<S>::type*>(t.mutable_data_ptr<S>())
                                       : nullptr;
+}
+
+// True while the current stream is being captured into a CUDA graph (torch.compile
+// mode="reduce-overhead", torch.cuda.graphs): the data-dependent argument checks need a host sync,
+// which capture forbids, so they are skipped then (the shapes, dtypes and devices are still
+// checked). Run the op once eagerly, as warm-up before capture does, to get the data checks.
+inline bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
 inline int reduction_code(Reduction r) { return r == Reduction::None ? 0 : (r == Reduction::Sum ? 1 : 2); }
@@ -56,7 +65,7 @@ inline at::Tensor checked_weights(const std::optional<at::Tensor>& weights, int6
   check_floating(w, "weights");
   check_same_device(w, ref, "weights");
   TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == K, "weights must have shape [", K, "], got ", w.sizes());
-  TORCH_CHECK_VALUE(at::isfinite(w).all().item<bool>(), "weights must be finite");
+  TORCH_CHECK_VALUE(capturing() || at::isfinite(w).all().item<bool>(), "weights must be finite");
   return w.to(acc).contiguous();
 }
 

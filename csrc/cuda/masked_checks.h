@@ -12,7 +12,7 @@ namespace bmc_fast::cuda {
 // off, len: int64 [N]; labels: int64 [N] or undefined.
 inline void check_ranges_and_labels(const at::Tensor& off, const at::Tensor& len, int64_t C, const at::Tensor& labels,
                                     int64_t ignore_index) {
-  if (off.numel() == 0) return;
+  if (off.numel() == 0 || capturing()) return;
   std::vector<at::Tensor> flags = {(off < 0).any(), (len < 1).any(), ((off + len) > C).any()};
   if (labels.defined()) {
     flags.push_back(((labels != ignore_index) & ((labels < off) | (labels >= off + len))).any());

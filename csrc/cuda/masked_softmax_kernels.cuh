@@ -50,6 +50,12 @@ __global__ void masked_ce_rows_kernel(const T* __restrict__ x, const int64_t* __
   }
   const int64_t o = off[row], l = len[row];
   const T* xr = x + row * C;
+  if (o < 0 || l < 1 || o + l > C || y < o || y >= o + l) {  // unchecked only during graph capture
+    if (lane == 0) row_loss[row] = NAN;
+    if (g != nullptr)
+      for (int64_t j = lane; j < C; j += kWarp) g[j] = from_acc<T>(A(NAN));
+    return;
+  }
   A m, s;
   warp_max_sumexp(xr + o, l, A(1), m, s);
   const A xy = to_acc(xr[y]);
@@ -76,6 +82,12 @@ __global__ void masked_kd_rows_kernel(const T* __restrict__ s, const T* __restri
   const int lane = threadIdx.x % kWarp;
   if (row >= N) return;
   const int64_t o = off[row], l = len[row];
+  if (o < 0 || l < 1 || o + l > C) {  // unchecked only during graph capture
+    if (lane == 0) row_loss[row] = NAN;
+    if (grad != nullptr)
+      for (int64_t j = lane; j < C; j += kWarp) grad[row * C + j] = from_acc<T>(A(NAN));
+    return;
+  }
   const T* sr = s + row * C + o;
   const T* tr = t + row * C + o;
   const A inv_tau = A(1) / tau;

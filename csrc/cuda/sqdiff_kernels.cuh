@@ -60,11 +60,12 @@ __global__ void expert_finalize_kernel(const acc_t<T>* __restrict__ partial, int
   }
 }
 
-// counts[e] = number of rows with ids[i] == e (integer atomics: exact and order-free).
+// counts[e] = number of rows with ids[i] == e (integer atomics: exact and order-free). Ids out of
+// [0, E) are never dereferenced (the host checks them, except during CUDA-graph capture).
 template <typename I>
-__global__ void count_ids_kernel(const I* __restrict__ ids, int64_t n, int* __restrict__ counts) {
+__global__ void count_ids_kernel(const I* __restrict__ ids, int64_t n, int64_t E, int* __restrict__ counts) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
-  if (i < n) atomicAdd(counts + ids[i], 1);
+  if (i < n && ids[i] >= 0 && ids[i] < E) atomicAdd(counts + ids[i], 1);
 }
 
 // One block. present = number of experts with a sample; scale[e] = 2 w_e f / (count_e D) with
@@ -92,13 +93,14 @@ __global__ void expert_scale_kernel(const int* __restrict__ counts, int64_t E, i
 // grad = scale[ids[i]] * (s - t).
 template <typename T>
 __global__ void sqdiff_rows_kernel(const T* __restrict__ s, const T* __restrict__ t, const int64_t* __restrict__ ids,
-                                   int64_t N, int64_t D, const acc_t<T>* __restrict__ scale, T* __restrict__ grad,
-                                   acc_t<T>* __restrict__ row_sum) {
+                                   int64_t N, int64_t D, int64_t E, const acc_t<T>* __restrict__ scale,
+                                   T* __restrict__ grad, acc_t<T>* __restrict__ row_sum) {
   using A = acc_t<T>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kBlock / kWarp) + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= N) return;
-  const A sc = grad != nullptr ? scale[ids[row]] : A(0);
+  const int64_t e = ids[row];
+  const A sc = grad != nullptr && e >= 0 && e < E ? scale[e] : A(0);
   const T* sr = s + row * D;
   const T* tr = t + row * D;
   A acc = 0;

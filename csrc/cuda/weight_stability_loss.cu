@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_stability_loss_cuda(
     TORCH_CHECK_VALUE(importance->dim() == 1 && importance->size(0) == P, "importance must have shape [", P,
                       "], got ", importance->sizes());
     imp = importance->to(acc).contiguous();
-    TORCH_CHECK_VALUE(at::logical_and(imp >= 0, at::isfinite(imp)).all().item<bool>(),
+    TORCH_CHECK_VALUE(capturing() || at::logical_and(imp >= 0, at::isfinite(imp)).all().item<bool>(),
                       "importance must be finite and >= 0");
   }
   const at::Tensor w = checked_weights(weights, K, expert_params, acc);

@@ -13,7 +13,7 @@ namespace bmc_fast::cuda {
   template __global__ void expert_finalize_kernel<T>(const acc_t<T>*, int64_t, int64_t, double,   \
                                                      const acc_t<T>*, int, acc_t<T>*, T*);        \
   template __global__ void sqdiff_rows_kernel<T>(const T*, const T*, const int64_t*, int64_t,     \
-                                                 int64_t, const acc_t<T>*, T*, acc_t<T>*);        \
+                                                 int64_t, int64_t, const acc_t<T>*, T*, acc_t<T>*); \
   template __global__ void distillation_finalize_kernel<T>(const acc_t<T>*, int64_t,             \
                                                            const acc_t<T>*, int, const float*, T*); \
   template __global__ void masked_ce_rows_kernel<T>(const T*, const int64_t*, const int64_t*,     \
@@ -30,7 +30,7 @@ BMC_INSTANTIATE(double)
 BMC_INSTANTIATE(__half)
 BMC_INSTANTIATE(__nv_bfloat16)
 
-template __global__ void count_ids_kernel<int64_t>(const int64_t*, int64_t, int*);
+template __global__ void count_ids_kernel<int64_t>(const int64_t*, int64_t, int64_t, int*);
 template __global__ void expert_scale_kernel<float>(const int*, int64_t, int64_t, const float*, int, float*, float*);
 template __global__ void expert_scale_kernel<double>(const int*, int64_t, int64_t, const double*, int, double*, float*);
 template __global__ void segment_mean_kernel<float>(const float*, const int64_t*, int64_t, int64_t, const int*, float*);
