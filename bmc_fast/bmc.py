@@ -260,17 +260,7 @@ class BMC:
         start_step = 0
         ckpt = os.path.join(checkpoint_dir, "bmc-checkpoint.pt") if checkpoint_dir else None
         if resume and ckpt and os.path.exists(ckpt):
-            state = load_checkpoint(ckpt)
-            if state.get("fingerprint") != _fingerprint(stream):
-                raise ValueError(f"checkpoint {ckpt} was made on a different task stream")
-            if _config_key(json.loads(state["config"])) != _config_key(cfg.to_dict()):
-                raise ValueError(f"checkpoint {ckpt} was made with a different BMCConfig")
-            self.model.load_state_dict(state["model"])
-            self.memory = Memory.from_state_dict(state["memory"])
-            result.cil_matrix, result.til_matrix = state["cil"].numpy().copy(), state["til"].numpy().copy()
-            timings.update({k_: float(v) for k_, v in json.loads(state["timings"]).items()})
-            torch.set_rng_state(state["rng_torch"])
-            start_step = int(state["step"]) + 1
+            start_step = self._load_checkpoint(ckpt, stream, result, timings)
             self._log(events, {"event": "resumed", "from_step": start_step})
 
         for s in range(start_step, len(steps)):
@@ -300,14 +290,32 @@ class BMC:
                                "memory": len(self.memory), **info})
             self._evaluate(stream, ids[-1], result, timings, on_task_end, events)
             if ckpt:
-                save_checkpoint({
-                    "step": s, "model": {n: v.detach().cpu() for n, v in self.model.state_dict().items()},
-                    "memory": self.memory.state_dict(), "cil": torch.from_numpy(result.cil_matrix),
-                    "til": torch.from_numpy(result.til_matrix), "timings": json.dumps(timings),
-                    "rng_torch": torch.get_rng_state(), "config": json.dumps(cfg.to_dict()),
-                    "fingerprint": _fingerprint(stream)}, ckpt)
+                self._save_checkpoint(ckpt, s, stream, result, timings)
         result.timings = timings
         return result
+
+    def _save_checkpoint(self, path, step, stream, result, timings):
+        """Everything needed to continue after ``step``, written atomically (weights_only-loadable)."""
+        save_checkpoint({
+            "step": step, "model": {n: v.detach().cpu() for n, v in self.model.state_dict().items()},
+            "memory": self.memory.state_dict(), "cil": torch.from_numpy(result.cil_matrix),
+            "til": torch.from_numpy(result.til_matrix), "timings": json.dumps(timings),
+            "rng_torch": torch.get_rng_state(), "config": json.dumps(self.config.to_dict()),
+            "fingerprint": _fingerprint(stream)}, path)
+
+    def _load_checkpoint(self, path, stream, result, timings) -> int:
+        """Restores model, memory, matrices and timings; returns the first step still to run."""
+        state = load_checkpoint(path)
+        if state.get("fingerprint") != _fingerprint(stream):
+            raise ValueError(f"checkpoint {path} was made on a different task stream")
+        if _config_key(json.loads(state["config"])) != _config_key(self.config.to_dict()):
+            raise ValueError(f"checkpoint {path} was made with a different BMCConfig")
+        self.model.load_state_dict(state["model"])
+        self.memory = Memory.from_state_dict(state["memory"])
+        result.cil_matrix, result.til_matrix = state["cil"].numpy().copy(), state["til"].numpy().copy()
+        timings.update({k: float(v) for k, v in json.loads(state["timings"]).items() if k in timings})
+        torch.set_rng_state(state["rng_torch"])
+        return int(state["step"]) + 1
 
     def _evaluate(self, stream, t, result, timings, on_task_end, events):
         t0 = time.perf_counter()

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from .bmc import BMC, _fingerprint, consolidate
-from .checkpoint import load_checkpoint, save_checkpoint
 from .experts import _gen, train_experts
 from .memory import Memory
 from .metrics import Result
@@ -93,13 +92,7 @@ def fit_distributed(bmc: BMC, stream, checkpoint_dir=None, resume: bool = False,
     ckpt = os.path.join(checkpoint_dir, "bmc-checkpoint.pt") if checkpoint_dir else None
     start = 0
     if rank == 0 and resume and ckpt and os.path.exists(ckpt):
-        state = load_checkpoint(ckpt)
-        if state.get("fingerprint") != _fingerprint(stream):
-            raise DistributedError(f"checkpoint {ckpt} was made on a different task stream")
-        bmc.model.load_state_dict(state["model"])
-        bmc.memory = Memory.from_state_dict(state["memory"])
-        result.cil_matrix, result.til_matrix = state["cil"].numpy().copy(), state["til"].numpy().copy()
-        start = int(state["step"]) + 1
+        start = bmc._load_checkpoint(ckpt, stream, result, timings)
     box = [start]
     _collective("resume", dist.broadcast_object_list, box, src=0)
     start = box[0]
@@ -128,12 +121,7 @@ def fit_distributed(bmc: BMC, stream, checkpoint_dir=None, resume: bool = False,
             timings["consolidation_s"] += time.perf_counter() - t0
             bmc._evaluate(stream, ids[-1], result, timings, None, events)
             if ckpt:
-                save_checkpoint({
-                    "step": s, "model": {n: v.detach().cpu() for n, v in bmc.model.state_dict().items()},
-                    "memory": bmc.memory.state_dict(), "cil": torch.from_numpy(result.cil_matrix),
-                    "til": torch.from_numpy(result.til_matrix), "timings": json.dumps(timings),
-                    "rng_torch": torch.get_rng_state(), "config": json.dumps(cfg.to_dict()),
-                    "fingerprint": _fingerprint(stream)}, ckpt)
+                bmc._save_checkpoint(ckpt, s, stream, result, timings)
         _collective(f"step {s}: end barrier", dist.barrier)
     result.timings = timings
     return result if rank == 0 else None
