@@ -41,7 +41,19 @@ def _run(args) -> int:
     except (TypeError, ValueError) as exc:
         print(f"bmc-fast: {exc}", file=sys.stderr)
         return 2
-    stream = load_features(args.features) if args.features else demo_stream(seed=args.seed)
+    load = (lambda: load_features(args.features)) if args.features else (lambda: demo_stream(seed=args.seed))
+    if args.distributed:
+        from .distributed import DistributedError, init_from_env, load_on_every_rank, shutdown
+
+        try:
+            init_from_env(timeout_s=args.timeout)
+            stream = load_on_every_rank(load)
+        except DistributedError as exc:
+            print(f"bmc-fast: {exc}", file=sys.stderr)
+            shutdown()
+            return 3
+    else:
+        stream = load()
     out = args.out
     os.makedirs(out, exist_ok=True)
 
@@ -60,10 +72,10 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     bmc = BMC(cfg)
     if args.distributed:
-        from .distributed import DistributedError, fit_distributed, init_from_env, shutdown
+        from .distributed import DistributedError, fit_distributed, shutdown
 
+        rank = int(os.environ.get("RANK", "0"))
         try:
-            rank, _ = init_from_env(timeout_s=args.timeout)
             res = fit_distributed(bmc, stream, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                                   events=emit if rank == 0 else None)
         except DistributedError as exc:

@@ -23,7 +23,7 @@ from .experts import _gen, train_experts
 from .memory import Memory
 from .metrics import Result
 
-__all__ = ["fit_distributed", "init_from_env", "shutdown"]
+__all__ = ["fit_distributed", "init_from_env", "shutdown", "load_on_every_rank"]
 
 
 class DistributedError(RuntimeError):
@@ -37,8 +37,12 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if missing:
             raise DistributedError(f"distributed BMC needs torchrun (or the variables {missing}) to be set")
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception as exc:
+            raise DistributedError(f"distributed BMC: phase 'rendezvous' failed on rank {os.environ['RANK']}: not "
+                                   f"every rank joined within {timeout_s:.0f} s ({exc})") from exc
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -57,6 +61,23 @@ def _collective(phase: str, fn, *args, **kwargs):
     except Exception as exc:  # gloo raises RuntimeError on a dead peer or a timeout
         raise DistributedError(f"distributed BMC: phase '{phase}' failed on rank {dist.get_rank()}: a peer "
                                f"rank died, hung past the timeout, or disagrees ({exc})") from exc
+
+
+def load_on_every_rank(load):
+    """Runs ``load()`` (e.g. reading the task stream) on every rank and fails on all of them,
+    naming the ranks and their errors, if it failed on any: missing data on one rank is reported
+    before training instead of surfacing as a timeout."""
+    try:
+        value, status = load(), None
+    except Exception as exc:
+        value, status = None, f"{type(exc).__name__}: {exc}"
+    everyone = [None] * dist.get_world_size()
+    _collective("load data", dist.all_gather_object, everyone, status)
+    bad = {r: e for r, e in enumerate(everyone) if e is not None}
+    if bad:
+        raise DistributedError("distributed BMC: loading the data failed on " +
+                               "; ".join(f"rank {r} ({e})" for r, e in bad.items()))
+    return value
 
 
 def _check_agreement(stream, cfg, rank, world):

@@ -138,3 +138,20 @@ def test_rerun_after_a_dead_rank_resumes_from_the_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     single = Result.load(tmp_path / "single.json")
     np.testing.assert_allclose(resumed.cil_matrix, single.cil_matrix, atol=1e-9, equal_nan=True)
+
+
+def test_missing_data_on_one_rank_is_reported_by_every_rank(tmp_path):
+    # Through the CLI, as a user runs it: rank 1 is pointed at a feature folder that is not there.
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        feats = ["--features", str(tmp_path / "nowhere")] if rank == 1 else []
+        procs.append(subprocess.Popen([sys.executable, "-m", "bmc_fast", "run", "--distributed", "--experts", "2",
+                                       "--timeout", "60", "--out", str(tmp_path / "o")] + feats, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [3, 3], outs
+    for _, err in outs:
+        assert "loading the data failed on rank 1" in err and "index.json" in err
