@@ -1,19 +1,20 @@
 // Run-time choice between the two builds of every CPU kernel.
 //
-// Each csrc/cpu/<op>.cpp is compiled twice. The DEFAULT build (CPU_CAPABILITY=DEFAULT,
+// Each csrc/cpu/<op>.cpp is compiled several times. The DEFAULT build (CPU_CAPABILITY=DEFAULT,
 // BMC_CPU_HOST defined, baseline compiler flags) holds the op's host function and its
-// TORCH_LIBRARY_IMPL registration. On x86-64 an AVX2 build (CPU_CAPABILITY=AVX2,
-// -mavx2 -mfma -mf16c) adds a second copy of the kernels only. ATen's Vectorized<T> and our
-// kernels live in `inline namespace CPU_CAPABILITY`, so the two copies are distinct symbols;
-// the host function calls one of them through BMC_CPU_CALL. Setting
-// BMC_FAST_CPU_CAPABILITY=default in the environment forces the baseline kernels.
+// TORCH_LIBRARY_IMPL registration. On x86-64 an AVX2 build (-mavx2 -mfma -mf16c) and an AVX512
+// build (-mavx512f/bw/vl/dq) add copies of the kernels only. ATen's Vectorized<T> and our kernels
+// live in `inline namespace CPU_CAPABILITY`, so the copies are distinct symbols; the host
+// function calls the best one the CPU runs through BMC_CPU_CALL. BMC_FAST_CPU_CAPABILITY=default
+// or =avx2 in the environment caps the choice.
 #pragma once
 
 namespace bmc_fast::cpu {
 
-// True when the AVX2 kernels were built and this CPU runs them (checked once).
-bool use_avx2();
-// "avx2" or "default": the kernels that use_avx2() selects.
+enum class Capability { Default, Avx2, Avx512 };
+// The best kernel build this CPU runs (checked once).
+Capability capability();
+// "default", "avx2" or "avx512": the kernels in use.
 const char* cpu_capability();
 
 }  // namespace bmc_fast::cpu
@@ -25,9 +26,16 @@ const char* cpu_capability();
   }                                            \
   namespace AVX2 {                             \
   ret name(__VA_ARGS__);                       \
+  }                                            \
+  namespace AVX512 {                           \
+  ret name(__VA_ARGS__);                       \
   }
-#define BMC_CPU_CALL(name, ...) \
-  (::bmc_fast::cpu::use_avx2() ? AVX2::name(__VA_ARGS__) : DEFAULT::name(__VA_ARGS__))
+#define BMC_CPU_CALL(name, ...)                                                        \
+  (::bmc_fast::cpu::capability() == ::bmc_fast::cpu::Capability::Avx512              \
+       ? AVX512::name(__VA_ARGS__)                                                   \
+       : ::bmc_fast::cpu::capability() == ::bmc_fast::cpu::Capability::Avx2          \
+             ? AVX2::name(__VA_ARGS__)                                               \
+             : DEFAULT::name(__VA_ARGS__))
 #else
 #define BMC_CPU_DECLARE_KERNEL(ret, name, ...) \
   namespace DEFAULT {                          \
