@@ -6,7 +6,9 @@
 //   float64). The loss has the dtype of the first input.
 // * `compute_grad=true` makes the forward also return the gradient of the (reduced) loss with
 //   respect to the first input; the backward only scales it by grad_output. With false the
-//   gradient output is an empty tensor of the input's dtype.
+//   gradient output is an empty tensor of the input's dtype. The registered backward scales that
+//   gradient buffer in place when the autograd graph is being freed, so a caller of the raw op
+//   that keeps the gradient output sees it scaled after backward.
 // * `reduction` is "none", "sum" or "mean". Every reduction is done in a fixed order, so the
 //   result has the same bits for any thread count and run after run.
 // * Data-dependent argument checks (ids, labels, ranges, finiteness of weights) are done here,

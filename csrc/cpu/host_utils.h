@@ -14,10 +14,6 @@
 #include <string>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "../common/reduction.h"
 
 namespace bmc_fast::cpu {
@@ -37,23 +33,12 @@ inline void check_cpu(const at::Tensor& t, const char* name) {
                     t.device());
 }
 
-// An uninitialised tensor like `t` (contiguous) for the kernel to write once. Large gradient
-// outputs are asked to be backed by transparent huge pages (where the kernel allows them only on
-// request, as with THP "madvise"): first-touch page faults on a fresh 100 MB buffer otherwise cost
-// several times the kernel's own time on our machines. Only this buffer is affected.
+// An uninitialised contiguous tensor like `t` for the kernel to write once. (Asking for
+// transparent huge pages here was measured and dropped: a fresh 320 MB buffer took 20 ms instead
+// of 70 ms when free huge pages existed, but 300+ ms when the kernel had to compact memory first,
+// which THP's default "madvise" defrag mode does synchronously.)
 inline at::Tensor empty_output_like(const at::Tensor& t) {
-  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
-#ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const size_t nbytes = out.nbytes();
-  if (nbytes >= 4 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (p + nbytes) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint
-  }
-#endif
-  return out;
+  return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 // Accumulation dtype of an input dtype: float64 for float64, float32 otherwise.
