@@ -138,3 +138,26 @@ def test_stability_loss_repeated_backward(device):
     expected = 2 * 2 * (e - b).detach() / 8
     for g in (g1, g2, g3):
         close(g, expected, torch.float32)
+
+
+def test_large_gradient_buffers_are_reused_only_when_free():
+    # Buffers >= 16 MB come from a cache of earlier gradient outputs; one still referenced
+    # anywhere (a kept raw-op output, a leaf's .grad) must never be handed out again.
+    e = torch.randn(2, 2_100_000, requires_grad=True)
+    b = torch.randn(2, 2_100_000)
+    kept = OP(e.detach(), b, None, "sum", True)[1]
+    snapshot = kept.clone()
+    bmc_fast.stability_loss(e, b).backward()
+    g1 = e.grad
+    g1_copy = g1.clone()
+    seen = set()
+    for _ in range(3):  # more calls while kept and e.grad are alive
+        out = OP(e.detach() * 2, b, None, "sum", True)[1]
+        assert out.data_ptr() not in (kept.data_ptr(), g1.data_ptr())
+        seen.add(out.data_ptr())
+    assert torch.equal(kept, snapshot) and torch.equal(e.grad, g1_copy)
+    torch.testing.assert_close(e.grad, 2 * (e - b).detach() / 2_100_000)
+    # once released, a buffer is reused
+    del out
+    again = OP(e.detach(), b, None, "sum", True)[1]
+    assert again.data_ptr() in seen
