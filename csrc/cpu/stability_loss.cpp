@@ -25,7 +25,7 @@ void stability_loss_kernel(const at::Tensor& expert, const at::Tensor& base,
   const int64_t M = K == 0 ? 0 : expert.numel() / K;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert.scalar_type(), "stability_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    chunked_sqdiff<scalar_t>(expert.const_data_ptr<scalar_t>(), base.const_data_ptr<scalar_t>(), M,
+    chunked_sqdiff<scalar_t, acc_t>(expert.const_data_ptr<scalar_t>(), base.const_data_ptr<scalar_t>(), M,
                              static_cast<const acc_t*>(nullptr), K, M, scale,
                              grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr, sums);
   });

@@ -82,10 +82,10 @@ inline float hmax(const fVec& v) {
   return m;
 }
 
-// sum_i w_i (a_i - b_i)^2 over n elements (w_i = 1 when w is null); with kGrad also
-// grad_i = scale * w_i * (a_i - b_i).
-template <bool kGrad, typename T, typename acc_t = at::opmath_type<T>>
-acc_t sqdiff_span(const T* a, const T* b, const acc_t* w, int64_t n, acc_t scale, T* grad) {
+// sum_i w_i (a_i - b_i)^2 over n elements (w_i = 1 when w is null; w in T or in acc_t); with
+// kGrad also grad_i = scale * w_i * (a_i - b_i).
+template <bool kGrad, typename T, typename W, typename acc_t = at::opmath_type<T>>
+acc_t sqdiff_span(const T* a, const T* b, const W* w, int64_t n, acc_t scale, T* grad) {
   int64_t i = 0;
   acc_t total = 0;
   if constexpr (kVectorised<T>) {
@@ -108,7 +108,9 @@ acc_t sqdiff_span(const T* a, const T* b, const acc_t* w, int64_t n, acc_t scale
         IO::load(a + i, a0, a1);
         IO::load(b + i, b0, b1);
         const fVec d0 = a0 - b0, d1 = a1 - b1;
-        const fVec wd0 = fVec::loadu(w + i) * d0, wd1 = fVec::loadu(w + i + fVec::size()) * d1;
+        fVec w0, w1;
+        VecIO<W>::load(w + i, w0, w1);
+        const fVec wd0 = w0 * d0, wd1 = w1 * d1;
         acc0 = at::vec::fmadd(wd0, d0, acc0);
         acc1 = at::vec::fmadd(wd1, d1, acc1);
         if constexpr (kGrad) IO::store(grad + i, vs * wd0, vs * wd1);
@@ -118,7 +120,7 @@ acc_t sqdiff_span(const T* a, const T* b, const acc_t* w, int64_t n, acc_t scale
   }
   for (; i < n; ++i) {
     const acc_t ai = static_cast<acc_t>(a[i]), bi = static_cast<acc_t>(b[i]);
-    const acc_t wi = w == nullptr ? acc_t(1) : w[i];
+    const acc_t wi = w == nullptr ? acc_t(1) : static_cast<acc_t>(w[i]);
     total += sqdiff_term(ai, bi, wi);
     if constexpr (kGrad) grad[i] = static_cast<T>(sqdiff_grad(ai, bi, wi, scale));
   }
@@ -129,8 +131,8 @@ acc_t sqdiff_span(const T* a, const T* b, const acc_t* w, int64_t n, acc_t scale
 // not null, grad[k, m] = scale[k] * w_m * (a - b). `b` has row stride b_stride (M, or 0 to
 // broadcast one row). Rows are cut into fixed chunks whose partial sums are added in chunk
 // order, so the result has the same bits for any number of threads.
-template <typename T, typename acc_t = at::opmath_type<T>>
-void chunked_sqdiff(const T* a, const T* b, int64_t b_stride, const acc_t* w, int64_t K, int64_t M,
+template <typename T, typename W, typename acc_t = at::opmath_type<T>>
+void chunked_sqdiff(const T* a, const T* b, int64_t b_stride, const W* w, int64_t K, int64_t M,
                     const std::vector<double>& scale, T* grad, std::vector<double>& sums) {
   constexpr int64_t kChunk = 16384;
   const int64_t nc = M == 0 ? 0 : (M + kChunk - 1) / kChunk;
@@ -148,7 +150,7 @@ void chunked_sqdiff(const T* a, const T* b, int64_t b_stride, const acc_t* w, in
       const int64_t len = std::min(kChunk, M - start);
       const T* ak = a + k * M + start;
       const T* bk = b + k * b_stride + start;
-      const acc_t* wk = w == nullptr ? nullptr : w + start;
+      const W* wk = w == nullptr ? nullptr : w + start;
       partial[k * nc + c] = grad != nullptr
           ? sqdiff_span<true>(ak, bk, wk, len, static_cast<acc_t>(scale[k]), grad + k * M + start)
           : sqdiff_span<false>(ak, bk, wk, len, acc_t(0), static_cast<T*>(nullptr));

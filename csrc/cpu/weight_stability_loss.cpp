@@ -19,16 +19,23 @@ BMC_CPU_DECLARE_KERNEL(void, weight_stability_loss_kernel, const at::Tensor&, co
 
 inline namespace CPU_CAPABILITY {
 
-// expert: contiguous [K, P]; base: [P]; importance: [P] in the accumulation dtype or undefined.
+// expert: contiguous [K, P]; base: [P]; importance: [P] in expert's dtype or the accumulation
+// dtype, or undefined.
 void weight_stability_loss_kernel(const at::Tensor& expert, const at::Tensor& base,
                                   const at::Tensor& importance, const std::vector<double>& scale,
                                   const at::Tensor& grad, std::vector<double>& sums) {
   const int64_t K = expert.size(0), P = expert.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert.scalar_type(), "weight_stability_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    chunked_sqdiff<scalar_t>(expert.const_data_ptr<scalar_t>(), base.const_data_ptr<scalar_t>(), 0,
-                             importance.defined() ? importance.const_data_ptr<acc_t>() : nullptr, K, P,
-                             scale, grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr, sums);
+    scalar_t* g = grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* e = expert.const_data_ptr<scalar_t>();
+    const scalar_t* b = base.const_data_ptr<scalar_t>();
+    // importance in the input dtype is read as is (no converted copy); any other dtype arrives in acc_t.
+    if (importance.defined() && importance.scalar_type() == expert.scalar_type())
+      chunked_sqdiff<scalar_t, scalar_t>(e, b, 0, importance.const_data_ptr<scalar_t>(), K, P, scale, g, sums);
+    else
+      chunked_sqdiff<scalar_t, acc_t>(e, b, 0, importance.defined() ? importance.const_data_ptr<acc_t>() : nullptr,
+                                      K, P, scale, g, sums);
   });
 }
 
@@ -57,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_stability_loss_cpu(
     check_cpu(*importance, "importance");
     TORCH_CHECK_VALUE(importance->dim() == 1 && importance->size(0) == P,
                       "importance must have shape [", P, "], got ", importance->sizes());
-    imp = importance->to(acc).contiguous();
+    imp = importance->scalar_type() == expert_params.scalar_type() ? importance->contiguous()
+                                                                    : importance->to(acc).contiguous();
     // One vectorised pass over [P]: importance is a non-negative per-parameter weight (e.g. a
     // Fisher diagonal). min >= 0 also fails on NaN; max < inf catches +inf.
     if (P > 0) {
