@@ -259,8 +259,9 @@ class BMC:
         timings = {"experts_s": 0.0, "buffers_s": 0.0, "consolidation_s": 0.0, "evaluation_s": 0.0}
         start_step = 0
         ckpt = os.path.join(checkpoint_dir, "bmc-checkpoint.pt") if checkpoint_dir else None
+        fingerprint = _fingerprint(stream) if ckpt else None  # hashes every label: once per fit
         if resume and ckpt and os.path.exists(ckpt):
-            start_step = self._load_checkpoint(ckpt, stream, result, timings)
+            start_step = self._load_checkpoint(ckpt, fingerprint, result, timings)
             self._log(events, {"event": "resumed", "from_step": start_step})
 
         for s in range(start_step, len(steps)):
@@ -290,23 +291,23 @@ class BMC:
                                "memory": len(self.memory), **info})
             self._evaluate(stream, ids[-1], result, timings, on_task_end, events)
             if ckpt:
-                self._save_checkpoint(ckpt, s, stream, result, timings)
+                self._save_checkpoint(ckpt, s, fingerprint, result, timings)
         result.timings = timings
         return result
 
-    def _save_checkpoint(self, path, step, stream, result, timings):
+    def _save_checkpoint(self, path, step, fingerprint, result, timings):
         """Everything needed to continue after ``step``, written atomically (weights_only-loadable)."""
         save_checkpoint({
             "step": step, "model": {n: v.detach().cpu() for n, v in self.model.state_dict().items()},
             "memory": self.memory.state_dict(), "cil": torch.from_numpy(result.cil_matrix),
             "til": torch.from_numpy(result.til_matrix), "timings": json.dumps(timings),
             "rng_torch": torch.get_rng_state(), "config": json.dumps(self.config.to_dict()),
-            "fingerprint": _fingerprint(stream)}, path)
+            "fingerprint": fingerprint}, path)
 
-    def _load_checkpoint(self, path, stream, result, timings) -> int:
+    def _load_checkpoint(self, path, fingerprint, result, timings) -> int:
         """Restores model, memory, matrices and timings; returns the first step still to run."""
         state = load_checkpoint(path)
-        if state.get("fingerprint") != _fingerprint(stream):
+        if state.get("fingerprint") != fingerprint:
             raise ValueError(f"checkpoint {path} was made on a different task stream")
         if _config_key(json.loads(state["config"])) != _config_key(self.config.to_dict()):
             raise ValueError(f"checkpoint {path} was made with a different BMCConfig")

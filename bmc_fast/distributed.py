@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .bmc import BMC, _fingerprint, consolidate
+from .bmc import BMC, _config_key, _fingerprint, consolidate
 from .experts import _gen, train_experts
 from .memory import Memory
 from .metrics import Result
@@ -80,9 +80,8 @@ def load_on_every_rank(load):
     return value
 
 
-def _check_agreement(stream, cfg, rank, world):
-    mine = {"fingerprint": _fingerprint(stream), "config": json.dumps({**cfg.to_dict(), "progress": None},
-                                                                      sort_keys=True)}
+def _check_agreement(fingerprint, cfg, rank, world):
+    mine = {"fingerprint": fingerprint, "config": json.dumps(_config_key(cfg.to_dict()), sort_keys=True)}
     everyone = [None] * world
     _collective("startup check", dist.all_gather_object, everyone, mine)
     for r, other in enumerate(everyone):
@@ -101,7 +100,8 @@ def fit_distributed(bmc: BMC, stream, checkpoint_dir=None, resume: bool = False,
     rank 0 and None on the other ranks. Same seed, same result as the single-process run."""
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = bmc.config
-    _check_agreement(stream, cfg, rank, world)
+    fingerprint = _fingerprint(stream)  # hashes every label: once per run
+    _check_agreement(fingerprint, cfg, rank, world)
     device = torch.device(cfg.device)
     k = cfg.n_experts
     steps = [list(range(s, min(s + k, len(stream)))) for s in range(0, len(stream), k)]
@@ -113,7 +113,7 @@ def fit_distributed(bmc: BMC, stream, checkpoint_dir=None, resume: bool = False,
     ckpt = os.path.join(checkpoint_dir, "bmc-checkpoint.pt") if checkpoint_dir else None
     start = 0
     if rank == 0 and resume and ckpt and os.path.exists(ckpt):
-        start = bmc._load_checkpoint(ckpt, stream, result, timings)
+        start = bmc._load_checkpoint(ckpt, fingerprint, result, timings)
     box = [start]
     _collective("resume", dist.broadcast_object_list, box, src=0)
     start = box[0]
@@ -142,7 +142,7 @@ def fit_distributed(bmc: BMC, stream, checkpoint_dir=None, resume: bool = False,
             timings["consolidation_s"] += time.perf_counter() - t0
             bmc._evaluate(stream, ids[-1], result, timings, None, events)
             if ckpt:
-                bmc._save_checkpoint(ckpt, s, stream, result, timings)
+                bmc._save_checkpoint(ckpt, s, fingerprint, result, timings)
         _collective(f"step {s}: end barrier", dist.barrier)
     result.timings = timings
     return result if rank == 0 else None

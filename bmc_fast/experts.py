@@ -116,7 +116,6 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, 
         p.requires_grad_(False)
     stab = use_stability and cfg.stability_coef > 0
     base_flat = flat_params(frozen).detach() if stab and cfg.stability == "weight" else None
-    importance = None
 
     def batch(s):
         rows = torch.arange(k, device=device)[:, None]
@@ -127,10 +126,10 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, 
             return frozen(xb.reshape((-1,) + xb.shape[2:]))[1].view(xb.shape[0], xb.shape[1], -1)
 
     if mode == "stacked":
-        experts, losses = _train_stacked(base, frozen, batch, base_features, base_flat, importance, k, steps, off, ln,
+        experts, losses = _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off, ln,
                                          cfg, L, stab, seed, progress)
     else:
-        experts, losses = _train_each(base, frozen, batch, base_features, base_flat, importance, k, steps, off, ln,
+        experts, losses = _train_each(base, frozen, batch, base_features, base_flat, k, steps, off, ln,
                                       cfg, L, stab, mode, seed, progress)
     return [
         ExpertArtifact(task=t, buffer=_make_buffer(e, stream, t, cfg, seed),
@@ -140,7 +139,7 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, 
     ]
 
 
-def _step_loss(logits, feats, yb, off_rows, ln_rows, hb, expert_flat, base_flat, importance, cfg, L, stab, kk, bsz):
+def _step_loss(logits, feats, yb, off_rows, ln_rows, hb, expert_flat, base_flat, cfg, L, stab, kk, bsz):
     """task_coef * masked CE (mean over each expert's batch, summed over experts) +
     stability_coef * S_k summed over experts."""
     ce = L.task_masked_cross_entropy(logits, yb, off_rows, ln_rows, reduction="sum") / bsz
@@ -149,12 +148,12 @@ def _step_loss(logits, feats, yb, off_rows, ln_rows, hb, expert_flat, base_flat,
         if cfg.stability == "feature":
             s = L.stability_loss(feats.view(kk, bsz, -1), hb, reduction="sum")
         else:
-            s = L.weight_stability_loss(expert_flat, base_flat, importance, reduction="sum")
+            s = L.weight_stability_loss(expert_flat, base_flat, reduction="sum")
         loss = loss + cfg.stability_coef * s
     return loss
 
 
-def _train_stacked(base, frozen, batch, base_features, base_flat, importance, k, steps, off, ln, cfg, L, stab, seed,
+def _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off, ln, cfg, L, stab, seed,
                    progress):
     device = off.device
     members = [copy.deepcopy(base).train() for _ in range(k)]
@@ -178,7 +177,7 @@ def _train_stacked(base, frozen, batch, base_features, base_flat, importance, k,
         hb = base_features(xb) if stab and cfg.stability == "feature" else None
         ef = torch.cat([p.reshape(k, -1) for p in params.values()], 1) if stab and cfg.stability == "weight" else None
         loss = _step_loss(logits.reshape(k * bsz, -1), feats, yb.reshape(-1), off_rows, ln_rows, hb, ef, base_flat,
-                          importance, cfg, L, stab, k, bsz)
+                          cfg, L, stab, k, bsz)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -192,7 +191,7 @@ def _train_stacked(base, frozen, batch, base_features, base_flat, importance, k,
     return members, [final] * k
 
 
-def _train_each(base, frozen, batch, base_features, base_flat, importance, k, steps, off, ln, cfg, L, stab, mode, seed,
+def _train_each(base, frozen, batch, base_features, base_flat, k, steps, off, ln, cfg, L, stab, mode, seed,
                 progress):
     device = off.device
     members = [copy.deepcopy(base).train() for _ in range(k)]
@@ -206,7 +205,7 @@ def _train_each(base, frozen, batch, base_features, base_flat, importance, k, st
         logits, feats = members[i](xb[i])
         ef = flat_params(members[i])[None] if stab and cfg.stability == "weight" else None
         loss = _step_loss(logits, feats, yb[i], off[i].expand(bsz), ln[i].expand(bsz),
-                          None if hb is None else hb[i:i + 1], ef, base_flat, importance, cfg, L, stab, 1, bsz)
+                          None if hb is None else hb[i:i + 1], ef, base_flat, cfg, L, stab, 1, bsz)
         opts[i].zero_grad(set_to_none=True)
         loss.backward()
         opts[i].step()

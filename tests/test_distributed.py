@@ -74,16 +74,15 @@ def _write(tmp_path):
     return script
 
 
-def _launch(tmp_path, mode, ckpt=None):
-    script = _write(tmp_path)
+def _spawn(argv_of_rank):
+    """Starts 2 ranks on loopback (argv_of_rank(rank) -> command line); returns [(rc, stdout, stderr)]."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        extra = [str(ckpt)] if ckpt else []
-        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(tmp_path / "res.json")] + extra, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(argv_of_rank(rank), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     outs = []
     for p in procs:
         try:
@@ -94,6 +93,12 @@ def _launch(tmp_path, mode, ckpt=None):
             o += "\nTIMEOUT"
         outs.append((p.returncode, o, e))
     return outs
+
+
+def _launch(tmp_path, mode, ckpt=None):
+    script = _write(tmp_path)
+    extra = [str(ckpt)] if ckpt else []
+    return _spawn(lambda rank: [sys.executable, str(script), mode, str(tmp_path / "res.json")] + extra)
 
 
 def test_two_processes_give_the_single_process_result(tmp_path):
@@ -142,16 +147,9 @@ def test_rerun_after_a_dead_rank_resumes_from_the_checkpoint(tmp_path):
 
 def test_missing_data_on_one_rank_is_reported_by_every_rank(tmp_path):
     # Through the CLI, as a user runs it: rank 1 is pointed at a feature folder that is not there.
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        feats = ["--features", str(tmp_path / "nowhere")] if rank == 1 else []
-        procs.append(subprocess.Popen([sys.executable, "-m", "bmc_fast", "run", "--distributed", "--experts", "2",
-                                       "--timeout", "60", "--out", str(tmp_path / "o")] + feats, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [3, 3], outs
-    for _, err in outs:
+    cli = [sys.executable, "-m", "bmc_fast", "run", "--distributed", "--experts", "2", "--timeout", "60",
+           "--out", str(tmp_path / "o")]
+    outs = _spawn(lambda rank: cli + (["--features", str(tmp_path / "nowhere")] if rank == 1 else []))
+    assert [rc for rc, _, _ in outs] == [3, 3], outs
+    for _, _, err in outs:
         assert "loading the data failed on rank 1" in err and "index.json" in err
