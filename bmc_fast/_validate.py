@@ -206,3 +206,43 @@ def kd_args(student_logits, teacher_logits, task_offset, task_len, tau, red):
     temperature(tau)
     reduction(red)
     return off, ln
+
+
+def bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p):
+    """inputs: 1-4 [K, B, C] floating tensors of one dtype/device (B >= 2); every other list
+    [K, C] tensors, one per input (running stats and pre_biases may be None or empty)."""
+    if not isinstance(inputs, (list, tuple)) or not 1 <= len(inputs) <= 4:
+        raise ValueError(f"inputs must be a list of 1 to 4 tensors, got {type(inputs).__name__}"
+                         + (f" of {len(inputs)}" if isinstance(inputs, (list, tuple)) else ""))
+    a0 = floating(inputs[0], "inputs[0]")
+    if a0.dim() != 3:
+        raise ValueError(f"inputs[0] must have shape [K, B, C], got {list(a0.shape)}")
+    k, b, c = a0.shape
+    if b < 2:
+        raise ValueError(f"inputs must have at least 2 rows per model (batch statistics), got shape {list(a0.shape)}")
+    for i, a in enumerate(inputs):
+        floating(a, f"inputs[{i}]")
+        same_dtype(a, a0, f"inputs[{i}]", "inputs[0]")
+        same_device(a, a0, f"inputs[{i}]", "inputs[0]")
+        shape(a, a0.shape, f"inputs[{i}]")
+    n = len(inputs)
+    for name, lst, optional in (("weights", weights, False), ("biases", biases, False),
+                                ("running_means", running_means, True), ("running_vars", running_vars, True),
+                                ("pre_biases", pre_biases, True)):
+        if optional and not lst:
+            continue
+        if not isinstance(lst, (list, tuple)) or len(lst) != n:
+            raise ValueError(f"{name} must be a list of {n} tensors like inputs, got "
+                             f"{len(lst) if isinstance(lst, (list, tuple)) else type(lst).__name__}")
+        for i, t in enumerate(lst):
+            floating(t, f"{name}[{i}]")
+            same_dtype(t, a0, f"{name}[{i}]", "inputs[0]")
+            same_device(t, a0, f"{name}[{i}]", "inputs[0]")
+            shape(t, (k, c), f"{name}[{i}]")
+    if bool(running_means) != bool(running_vars):
+        raise ValueError("running_means and running_vars must be given together")
+    for name, val, lo, hi, hi_open in (("momentum", momentum, 0.0, 1.0, False), ("p", p, 0.0, 1.0, True)):
+        if not isinstance(val, numbers.Real) or isinstance(val, bool) or not (lo <= val < hi if hi_open else lo <= val <= hi):
+            raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {val!r}")
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .experts import _gen, _losses, adamw
+from .experts import _gen, _losses, adamw, backbone_mode
 from .metrics import Result, evaluate
 
 __all__ = ["finetune", "joint"]
@@ -15,7 +15,7 @@ __all__ = ["finetune", "joint"]
 def _train(model, x, y, off, ln, cfg, epochs, seed):
     L = _losses(cfg)
     device = torch.device(cfg.device)
-    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
     g = _gen(seed, 11)
     torch.manual_seed(hash((seed, 12)) % (2**62))
     model.train()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .experts import _gen, _losses, adamw, resolve_parallel, train_experts
+from .experts import _gen, _losses, adamw, backbone_mode, resolve_parallel, train_experts
 from .memory import Memory
 from .metrics import Result, evaluate
 from .models import ResMLP
@@ -58,6 +58,8 @@ class BMCConfig:
     keep_expert_states: bool = False
     dropout: float = 0.3              # of the default ResMLP backbone
     losses: str = "fused"             # "fused" | "reference"
+    fused_backbone: bool = True       # the default ResMLP trains through the fused CPU kernels
+    fused_optimizer: bool = True      # torch's fused AdamW (False: torch's default AdamW loop)
     device: str = "cpu"
     seed: int = 0
     progress: bool | None = None      # None: only on a terminal
@@ -92,6 +94,9 @@ class BMCConfig:
             raise ValueError(f"BMCConfig.buffer_dtype must be 'float32' or 'float16', got {self.buffer_dtype!r}")
         if self.consolidation_ce not in ("seen", "task"):
             raise ValueError(f"BMCConfig.consolidation_ce must be 'seen' or 'task', got {self.consolidation_ce!r}")
+        for name in ("fused_backbone", "fused_optimizer"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BMCConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.losses not in ("fused", "reference"):
             raise ValueError(f"BMCConfig.losses must be 'fused' or 'reference', got {self.losses!r}")
         try:
@@ -138,7 +143,7 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
     device = torch.device(cfg.device)
     gen = _gen(seed, 7)
     train_mem, val_mem = memory.split(cfg.val_fraction, gen) if cfg.val_fraction > 0 else (memory, None)
-    opt = adamw(model.parameters(), cfg.consolidation_lr, cfg.weight_decay)
+    opt = adamw(model.parameters(), cfg.consolidation_lr, cfg.weight_decay, fused=cfg.fused_optimizer)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=cfg.lr_patience) if val_mem is not None else None
     j = train_mem.num_buffers
     beta = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha) if cfg.mixup_alpha > 0 else None
@@ -175,30 +180,31 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
                                                               b["length"], cfg.kd_temperature)
         return loss
 
-    for epoch in range(cfg.consolidation_epochs):
-        model.train()
-        for idx in train_mem.balanced_indices(cfg.consolidation_batch_size, gen):
-            loss = loss_of(train_mem.batch(idx, num_classes, device), True)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            last = float(loss.detach()) if bar is None else last
-            if bar is not None:
-                bar.update(1)
-        epochs_run += 1
-        if val_mem is not None and len(val_mem):
-            model.eval()
-            with torch.no_grad():
-                vl = float(loss_of(val_mem.batch(torch.arange(len(val_mem)), num_classes, device), False))
-            sched.step(vl)
-            if log:
-                log({"event": "consolidation_epoch", "epoch": epoch, "val_loss": vl})
-            if vl < best - 1e-6:
-                best, bad_epochs = vl, 0
-            else:
-                bad_epochs += 1
-                if cfg.early_stopping and bad_epochs >= cfg.early_stopping:
-                    break
+    with backbone_mode(model, cfg):
+        for epoch in range(cfg.consolidation_epochs):
+            model.train()
+            for idx in train_mem.balanced_indices(cfg.consolidation_batch_size, gen):
+                loss = loss_of(train_mem.batch(idx, num_classes, device), True)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last = float(loss.detach()) if bar is None else last
+                if bar is not None:
+                    bar.update(1)
+            epochs_run += 1
+            if val_mem is not None and len(val_mem):
+                model.eval()
+                with torch.no_grad():
+                    vl = float(loss_of(val_mem.batch(torch.arange(len(val_mem)), num_classes, device), False))
+                sched.step(vl)
+                if log:
+                    log({"event": "consolidation_epoch", "epoch": epoch, "val_loss": vl})
+                if vl < best - 1e-6:
+                    best, bad_epochs = vl, 0
+                else:
+                    bad_epochs += 1
+                    if cfg.early_stopping and bad_epochs >= cfg.early_stopping:
+                        break
     if bar is not None:
         bar.close()
     model.eval()
@@ -225,7 +231,8 @@ class BMC:
         if not isinstance(self.config, BMCConfig):
             raise TypeError(f"config must be a BMCConfig, got {type(self.config).__name__}")
         self.config.validate()
-        self.model_fn = model_fn or (lambda d, c: ResMLP(d, c, dropout=self.config.dropout))
+        self.model_fn = model_fn or (lambda d, c: ResMLP(d, c, dropout=self.config.dropout,
+                                                          fused=self.config.fused_backbone))
         self.model: nn.Module | None = None
         self.memory = Memory()
 

@@ -8,7 +8,9 @@ state, buffer) that can be saved and moved to another process. Three ways to run
 * ``"stacked"``: one batched model: parameters and buffers (BatchNorm statistics too) stacked
   over K with :func:`torch.func.stack_module_state`, one ``vmap``-ed forward over ``[K, B, ...]``,
   one backward, one optimizer over the stacked tensors (AdamW is elementwise, so this is the
-  same as K optimizers). Works for any model, on CPU and GPU.
+  same as K optimizers). Works for any model, on CPU and GPU. The default ResMLP on the CPU
+  skips vmap: :func:`bmc_fast.models.resmlp_forward` runs the K models as batched matmuls and
+  the fused ``bn_relu_dropout`` kernel (``fused_backbone``).
 * ``"streams"``: K ordinary modules, each stepping on its own CUDA stream.
 * ``"sequential"``: the simple loop, one expert after another.
 
@@ -18,6 +20,7 @@ train the same experts up to float rounding (with dropout, each mode draws its o
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .memory import Buffer
+from .models import ResMLP, fused_path_available, resmlp_forward
 
 __all__ = ["ExpertArtifact", "train_experts", "flat_params", "expert_batches", "resolve_parallel"]
 
@@ -39,14 +43,31 @@ class ExpertArtifact:
     final_loss: float = float("nan")
 
 
-def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def adamw(params, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW with torch's fused kernel where it exists (CPU and CUDA since torch 2.4): one pass
-    over all parameters instead of a handful of small ops per tensor."""
+    over all parameters instead of a handful of small ops per tensor. ``fused=False`` is torch's
+    default AdamW (a loop over the parameters on the CPU), as a plain training script runs it."""
     params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if fused:
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+@contextlib.contextmanager
+def backbone_mode(model: nn.Module, cfg):
+    """Within the block, a :class:`ResMLP` runs its fused training path only if
+    ``cfg.fused_backbone`` (and the model's own ``fused``) allow it."""
+    if isinstance(model, ResMLP) and model.fused and not cfg.fused_backbone:
+        model.fused = False
+        try:
+            yield
+        finally:
+            model.fused = True
+    else:
+        yield
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -153,6 +174,10 @@ def _step_loss(logits, feats, yb, off_rows, ln_rows, hb, expert_flat, base_flat,
     return loss
 
 
+def _fused_backbone(base: nn.Module, cfg, x: torch.Tensor) -> bool:
+    return bool(cfg.fused_backbone and isinstance(base, ResMLP) and base.fused and fused_path_available(base, x))
+
+
 def _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off, ln, cfg, L, stab, seed,
                    progress):
     device = off.device
@@ -160,12 +185,16 @@ def _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off,
     params, buffers = stack_module_state(members)
     params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     skeleton = copy.deepcopy(base).to("meta").train()  # whatever mode the base was left in
-    opt = adamw(params.values(), cfg.lr, cfg.weight_decay)
+    opt = adamw(params.values(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
 
-    def fwd(p, b, x):
-        return functional_call(skeleton, (p, b), (x,))
+    if _fused_backbone(base, cfg, batch(0)[0][0]):
+        def batched(p, b, x):  # the default ResMLP: K models in batched matmuls + fused BN kernels
+            return resmlp_forward(skeleton, p, b, x)
+    else:
+        def fwd(p, b, x):
+            return functional_call(skeleton, (p, b), (x,))
 
-    batched = vmap(fwd, randomness="different")
+        batched = vmap(fwd, randomness="different")
     bsz = cfg.batch_size
     off_rows = off.repeat_interleave(bsz)
     ln_rows = ln.repeat_interleave(bsz)
@@ -195,7 +224,10 @@ def _train_each(base, frozen, batch, base_features, base_flat, k, steps, off, ln
                 progress):
     device = off.device
     members = [copy.deepcopy(base).train() for _ in range(k)]
-    opts = [adamw(m.parameters(), cfg.lr, cfg.weight_decay) for m in members]
+    for m in members:
+        if isinstance(m, ResMLP):
+            m.fused = m.fused and cfg.fused_backbone
+    opts = [adamw(m.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer) for m in members]
     bsz = cfg.batch_size
     streams = [torch.cuda.Stream(device=device) for _ in range(k)] if mode == "streams" else None
     finals = [float("nan")] * k

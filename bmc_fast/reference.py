@@ -6,6 +6,8 @@ extension is missing. Written for clarity, not speed.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _validate as v
@@ -17,6 +19,8 @@ __all__ = [
     "task_masked_cross_entropy",
     "task_masked_kd_loss",
     "masked_log_softmax",
+    "bn_relu_dropout",
+    "dropout_keep_mask",
 ]
 
 
@@ -134,3 +138,46 @@ def task_masked_kd_loss(student_logits, teacher_logits, task_offset, task_len, t
     else:
         out = row.sum() / student_logits.shape[0]
     return out.to(student_logits.dtype)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32  # int64 products wrap; the low 32 bits are exact
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
+    """The keep mask of bn_relu_dropout's dropout (csrc/common/dropout_hash.h): element i (row-major
+    index) is kept when the 24-bit hash of (seed, i) is >= round(p * 2^24)."""
+    n = math.prod(shape)
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    h = _mix32(_mix32((i & _M32) ^ k0) ^ (((i >> 32) + k1) & _M32)) >> 8
+    return (h >= int(p * 16777216.0 + 0.5)).view(tuple(shape))
+
+
+def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=None, pre_biases=None,
+                    momentum=0.1, eps=1e-5, p=0.0, seed=0):
+    v.bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p)
+    acc = _acc(inputs[0])
+    b = inputs[0].shape[1]
+    z = 0
+    for i, a in enumerate(inputs):
+        af = a.to(acc)
+        mean = af.mean(1, keepdim=True)
+        var = (af - mean).pow(2).mean(1, keepdim=True)
+        z = z + (af - mean) * torch.rsqrt(var + eps) * weights[i].to(acc)[:, None] + biases[i].to(acc)[:, None]
+        if running_means:
+            with torch.no_grad():
+                m = mean[:, 0] + (pre_biases[i].to(acc) if pre_biases else 0)
+                running_means[i].mul_(1 - momentum).add_((momentum * m).to(running_means[i].dtype))
+                running_vars[i].mul_(1 - momentum).add_((momentum * var[:, 0] * b / (b - 1)).to(running_vars[i].dtype))
+    out = torch.relu(z)
+    keep = dropout_keep_mask(int(seed), out.shape, p, out.device)
+    out = out * (keep.to(acc) / (1 - p))
+    return out.to(inputs[0].dtype)

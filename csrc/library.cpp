@@ -61,4 +61,23 @@ TORCH_LIBRARY(bmc_fast, m) {
       "task_masked_kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor task_offset, "
       "Tensor task_len, float temperature, str reduction, bool compute_grad) "
       "-> (Tensor loss, Tensor grad_student)");
+
+  // The training-mode normalisation + activation of a (stacked) ResMLP layer, fused:
+  // out = dropout_p(relu(sum_i BN_i(inputs[i]))), BN_i normalising each [K, B, C] input over its
+  // B rows per (k, c) with the biased variance, then * weights[i] + biases[i] ([K, C]).
+  // The dropout mask is a hash of (seed, element index) (csrc/common/dropout_hash.h); kept
+  // outputs are scaled by 1 / (1 - p). mask (uint8) is 1 where the gradient passes (relu output
+  // > 0 and kept); xhats are the normalised inputs and invstds the [K, C] inverse standard
+  // deviations, for the backward. means (+ pre_biases, [K, C] or an empty list: a bias added to
+  // the input before the BN, which cancels in it) and vars (unbiased) are what BatchNorm blends
+  // into its running statistics; the op itself is functional.
+  m.def(
+      "bn_relu_dropout(Tensor[] inputs, Tensor[] weights, Tensor[] biases, Tensor[] pre_biases, float eps, "
+      "float p, int seed) -> (Tensor out, Tensor mask, Tensor[] xhats, Tensor[] invstds, Tensor[] means, "
+      "Tensor[] vars)");
+
+  // Gradients of bn_relu_dropout's out with respect to its inputs, weights and biases.
+  m.def(
+      "bn_relu_dropout_backward(Tensor grad_out, Tensor mask, Tensor[] xhats, Tensor[] invstds, "
+      "Tensor[] weights, float p) -> (Tensor[] grad_inputs, Tensor[] grad_weights, Tensor[] grad_biases)");
 }

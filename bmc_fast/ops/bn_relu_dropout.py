@@ -1,0 +1,142 @@
+"""bn_relu_dropout: the training-mode BatchNorm + (sum) + ReLU + dropout of a (stacked) ResMLP
+layer in one kernel. The building block of the fused ResMLP (bmc_fast/models.py)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext, _validate, reference
+
+OP = "bmc_fast::bn_relu_dropout"
+BACKWARD_OP = "bmc_fast::bn_relu_dropout_backward"
+
+
+def new_seed() -> int:
+    """A dropout seed drawn from torch's default generator (so ``torch.manual_seed`` and saved
+    RNG states reproduce the masks)."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
+def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=None, pre_biases=None,
+                    momentum: float = 0.1, eps: float = 1e-5, p: float = 0.0, seed: int | None = None) -> torch.Tensor:
+    r"""``dropout_p(relu(sum_i BN_i(inputs[i])))`` for K stacked models at once.
+
+    .. math:: \mathrm{out} = \mathrm{drop}_p\Big(\max\big(0, \textstyle\sum_i
+       \frac{a_i - \mu_i}{\sqrt{\sigma_i^2 + \epsilon}}\, \gamma_i + \beta_i\big)\Big)
+
+    Args:
+        inputs: 1 to 4 tensors ``[K, B, C]`` (K models, B >= 2 rows, C channels), float32 or
+            float64 on the CPU for the fused kernel (other dtypes and devices run the reference). Statistics are per
+            (model, channel) over the B rows, with the biased variance, as BatchNorm in training.
+        weights, biases: one ``[K, C]`` tensor per input (the BatchNorm affine parameters).
+        running_means, running_vars: ``[K, C]`` per input, updated in place like BatchNorm's
+            buffers (``momentum``, unbiased variance); None to skip.
+        pre_biases: ``[K, C]`` per input or None: a bias added to the input before the BN (a
+            Linear bias). It cancels in the normalisation (its gradient is exactly zero) but
+            enters the running mean, so the eval-mode model is the same as with the bias added.
+        p: dropout probability in [0, 1); kept outputs are scaled by ``1 / (1 - p)``.
+        seed: the dropout mask is a hash of (seed, element index), the same on every backend and
+            thread count; None draws one from torch's default generator.
+
+    Differentiable in inputs, weights, biases and pre_biases (first order).
+    """
+    running_means, running_vars, pre_biases = running_means or [], running_vars or [], pre_biases or []
+    _validate.bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p)
+    if seed is None:
+        seed = new_seed() if p > 0 else 0
+    a0 = inputs[0]
+    # CPU kernel only (for now): other devices and dtypes run the reference, same semantics.
+    if (a0.dtype not in (torch.float32, torch.float64) or a0.device.type not in ("cpu", "meta")
+            or not _ext.use_kernel("bn_relu_dropout", a0)):
+        return reference.bn_relu_dropout(inputs, weights, biases, running_means, running_vars, pre_biases,
+                                         momentum, eps, p, seed)
+    out, _, _, _, means, variances = torch.ops.bmc_fast.bn_relu_dropout(
+        list(inputs), list(weights), list(biases), list(pre_biases), float(eps), float(p), int(seed))
+    if running_means:
+        with torch.no_grad():
+            torch._foreach_lerp_(list(running_means) + list(running_vars), means + variances, float(momentum))
+    return out
+
+
+def _fake(inputs, weights, biases, pre_biases, eps, p, seed):
+    a = inputs[0]
+    k, _, c = a.shape
+    stats = lambda: [a.new_empty((k, c)) for _ in inputs]  # noqa: E731
+    return (torch.empty_like(a, memory_format=torch.contiguous_format), a.new_empty(a.shape, dtype=torch.uint8),
+            [torch.empty_like(a, memory_format=torch.contiguous_format) for _ in inputs], stats(), stats(), stats())
+
+
+def _backward_fake(grad_out, mask, xhats, invstds, weights, p):
+    k, _, c = xhats[0].shape
+    return ([torch.empty_like(x, memory_format=torch.contiguous_format) for x in xhats],
+            [xhats[0].new_empty((k, c)) for _ in xhats],
+            [xhats[0].new_empty((k, c)) for _ in xhats])
+
+
+def _setup_context(ctx, inputs, output):
+    _, weights, _, pre_biases, _, p, _ = inputs
+    _, mask, xhats, invstds, means, variances = output
+    ctx.p = p
+    ctx.n_pre = len(pre_biases)
+    ctx.mark_non_differentiable(mask, *xhats, *invstds, *means, *variances)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(mask, *xhats, *invstds, *weights, *pre_biases)
+
+
+def _backward(ctx, grad_out, *_unused):
+    saved = ctx.saved_tensors
+    n = (len(saved) - 1 - ctx.n_pre) // 3
+    if grad_out is None:  # only the statistics were used
+        return [None] * n, [None] * n, [None] * n, [None] * ctx.n_pre, None, None, None
+    mask, xhats, invstds, weights = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n]
+    pre = saved[1 + 3 * n:]
+    gi, gw, gb = torch.ops.bmc_fast.bn_relu_dropout_backward(grad_out, mask, list(xhats), list(invstds),
+                                                             list(weights), ctx.p)
+    # pre_biases cancel in the normalisation: their gradient is exactly zero (so an optimizer
+    # still applies weight decay to them, as it would after BatchNorm's autograd).
+    g_pre = [torch.zeros_like(t) for t in pre]
+    return gi, gw, gb, g_pre, None, None, None
+
+
+# Registered by bmc_fast/ops/__init__.py. The backward op has no autograd of its own (first order).
+REGISTRATION = (OP, _fake, _backward, _setup_context)
+BACKWARD_FAKE = (BACKWARD_OP, _backward_fake)
+
+
+class _BnReluDropout(torch.autograd.Function):
+    """The op with a plain autograd.Function around it: the same kernels as the registered
+    autograd, without its generic argument flattening (~150 us a call at ResMLP sizes, more
+    than the kernels themselves)."""
+
+    @staticmethod
+    def forward(ctx, n, eps, p, seed, *tensors):
+        inputs, weights, biases, pre = (list(tensors[i * n:(i + 1) * n]) for i in range(4))
+        with torch._C._AutoDispatchBelowAutograd():
+            out, mask, xhats, invstds, means, variances = torch.ops.bmc_fast.bn_relu_dropout.default(
+                inputs, weights, biases, pre, eps, p, seed)
+        ctx.n, ctx.p = n, p
+        ctx.save_for_backward(mask, *xhats, *invstds, *weights)
+        ctx.mark_non_differentiable(mask, *means, *variances)
+        return (out, mask, *means, *variances)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused):
+        n, s = ctx.n, ctx.saved_tensors
+        if grad_out is None:
+            return (None,) * (4 + 4 * n)
+        gi, gw, gb = torch.ops.bmc_fast.bn_relu_dropout_backward.default(
+            grad_out, s[0], list(s[1:1 + n]), list(s[1 + n:1 + 2 * n]), list(s[1 + 2 * n:]), ctx.p)
+        g_pre = [torch.zeros_like(w) if ctx.needs_input_grad[4 + 3 * n + i] else None for i, w in
+                 enumerate(s[1 + 2 * n:])]
+        return (None, None, None, None, *gi, *gw, *gb, *g_pre)
+
+
+def bn_relu_dropout_unchecked(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p,
+                              seed):
+    """The fused op without the Python argument checks (the kernel still checks shapes and
+    dtypes) and with a lighter autograd wrapper: for callers that built the arguments themselves,
+    e.g. the fused ResMLP. Every list holds one tensor per input (pre_biases too)."""
+    n = len(inputs)
+    res = _BnReluDropout.apply(n, eps, p, seed, *inputs, *weights, *biases, *pre_biases)
+    with torch.no_grad():
+        torch._foreach_lerp_(running_means + running_vars, list(res[2:]), momentum)
+    return res[0]
