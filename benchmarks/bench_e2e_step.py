@@ -64,6 +64,41 @@ def one_step(stream, variant, device="cpu"):
     return {"experts_s": t1 - t0, "buffers_s": t2 - t1, "consolidation_s": t3 - t2, "total_s": t3 - t0}
 
 
+LINEARS = [(D, 128), (128, 256), (256, 256), (128, 256), (256, 256), (256, 256), (256, 256), (256, C_PER_TASK * K)]
+
+
+def _matmul_seconds(rows: int, backward: bool, reps: int = 20) -> float:
+    """Median time of only the matrix products of one ResMLP step on ``rows`` rows (forward, and
+    with ``backward`` the weight and input gradients, none for the input layer's input)."""
+    mats = []
+    for i, (din, dout) in enumerate(LINEARS):
+        x, w, g = torch.randn(rows, din), torch.randn(dout, din), torch.randn(rows, dout)
+        mats.append((x, w, g, i > 0))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for x, w, g, need_dx in mats:
+            torch.mm(x, w.t())
+            if backward:
+                torch.mm(g.t(), x)
+                if need_dx:
+                    torch.mm(g, w)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_floor(stream_n: int = N, batch: int = 64) -> dict:
+    """The time the step's matrix products alone take in float32 on this machine, each phase
+    with its matmuls at their most efficient size (the K experts' rows as one matrix): no
+    implementation of the step in float32 can be faster than this."""
+    steps = -(-stream_n // batch)
+    experts = steps * (_matmul_seconds(K * batch, True) + _matmul_seconds(K * batch, False))  # + base features
+    buffers = K * stream_n / 4096 * _matmul_seconds(4096, False, reps=5)
+    consolidation = -(-K * stream_n // batch) * _matmul_seconds(batch, True)
+    return {"experts_s": experts + buffers, "consolidation_s": consolidation,
+            "total_s": experts + buffers + consolidation}
+
+
 def bench_e2e_incremental_step(benchmark, machine):
     stream = make_stream()
     one_step(stream, "bmc_fast")  # warm-up (first allocations, lazy initialisation)
@@ -73,6 +108,7 @@ def bench_e2e_incremental_step(benchmark, machine):
         for v in (names if r % 2 == 0 else names[::-1]):
             runs[v].append(one_step(stream, v))
     med = {v: {k: statistics.median(x[k] for x in runs[v]) for k in runs[v][0]} for v in names}
+    floor = matmul_floor()
     base = med["authors"]
     lines = [f"one incremental step: K={K}, ResMLP, {D}-D inputs, {N} samples/task, 1 expert epoch, "
              f"1 consolidation epoch over {K * N} samples; {machine.name}, {machine.threads} thread(s)"
@@ -86,11 +122,18 @@ def bench_e2e_incremental_step(benchmark, machine):
                      f"| {'fused' if o['fused_optimizer'] else 'default'} | {m['experts_s']:.2f} "
                      f"| {m['consolidation_s']:.2f} | {m['total_s']:.2f} | {base['total_s'] / m['total_s']:.2f} "
                      f"({base['experts_s'] / m['experts_s']:.2f}, {base['consolidation_s'] / m['consolidation_s']:.2f}) |")
+    lines.append(f"| matmul floor | | | | | {floor['experts_s']:.2f} | {floor['consolidation_s']:.2f} "
+                 f"| {floor['total_s']:.2f} | {base['total_s'] / floor['total_s']:.2f} "
+                 f"({base['experts_s'] / floor['experts_s']:.2f}, "
+                 f"{base['consolidation_s'] / floor['consolidation_s']:.2f}) |")
+    lines += ["", "matmul floor: only the step's float32 matrix products (forward and backward of every "
+              "expert step with the K experts' rows as one matrix, the base features, the buffers, the "
+              "consolidation steps), timed alone: the speed-up no float32 implementation can pass here."]
     text = "\n".join(lines)
     print("\n" + text)
     os.makedirs(os.path.join(os.path.dirname(__file__), "out"), exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), "out", f"e2e-{time.strftime('%Y%m%d-%H%M%S')}.md"), "w") as f:
         f.write(text + "\n")
-    benchmark.extra_info.update(med)
+    benchmark.extra_info.update({**med, "matmul_floor": floor})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     assert all(m["total_s"] > 0 for m in med.values())
