@@ -72,6 +72,10 @@ ids = torch.randint(0, 4, (64,))
 vals = [bmc_fast.stability_loss(e, b), bmc_fast.weight_stability_loss(e, b[0]),
         bmc_fast.batched_distillation_loss(x, t, ids, 4), bmc_fast.task_masked_cross_entropy(x, y, o, l),
         bmc_fast.task_masked_kd_loss(x, t, o, l, 2.0)]
+a = [torch.randn(3, 9, 70) for _ in range(2)]; w = [torch.rand(3, 70) + 0.5 for _ in range(2)]
+out, mask, *_ = torch.ops.bmc_fast.bn_relu_dropout(a, w, [torch.randn(3, 70) for _ in range(2)], [], 1e-5, 0.3, 5)
+grads = torch.ops.bmc_fast.bn_relu_dropout_backward(torch.randn(3, 9, 70), mask, a, w, w, 0.3)
+vals += [out.square().sum(), mask.sum().double(), sum(g.square().sum() for gs in grads for g in gs)]
 print(bmc_fast.backend_info()["cpu_capability"], *[f"{v.item():.6e}" for v in vals])
 """
     a = _run(code)
