@@ -1,11 +1,10 @@
 // bn_relu_dropout on the CPU: the normalisation, activation and dropout of a (stacked) ResMLP
 // layer in one pass, and its backward in two.
 //
-// Layout [K, B, C] (K stacked models, B rows, C channels, C contiguous). A work item is one
-// (model k, block of 64 channels): it reads its B x 64 tile once per pass, so the per-channel
-// statistics are summed in row order (same bits for any thread count) and stay in registers /
-// L1. The inner loops run over contiguous channels and are plain enough for the compiler to
-// vectorise in each CPU build (DEFAULT, AVX2, AVX-512).
+// Layout [K, B, C] (K stacked models, B rows, C channels, C contiguous). Forward: one pass for
+// per-channel partial sums over chunks of rows, a small combine, one pass that writes every
+// output. Backward: the same shape. The inner loops run over contiguous channels and are plain
+// enough for the compiler to vectorise in each CPU build (DEFAULT, AVX2, AVX-512).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -33,7 +32,6 @@ namespace bmc_fast::cpu {
 inline namespace CPU_CAPABILITY {}
 
 constexpr int64_t kMaxBranches = 4;
-constexpr int64_t kChannelBlock = 64;
 
 // Pointers of one normalised input (a "branch"): outputs are summed over branches before ReLU.
 struct BnBranch {
@@ -63,96 +61,137 @@ BMC_CPU_DECLARE_KERNEL(void, bn_relu_dropout_backward_kernel, at::ScalarType, in
 
 inline namespace CPU_CAPABILITY {
 
-// Work items so that one thread's share is >= ~32k elements: smaller calls run on one thread
-// (a parallel region costs more than the work, and stalls when another process holds a core).
-inline int64_t item_grain(int64_t B) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, B * kChannelBlock)); }
+// Work items are (model k, chunk of kRowChunk rows): each reads whole contiguous rows. (Tiles of
+// 64 channels over all B rows, the first design, read rows 1 KB apart at C = 256; those map to a
+// sixteenth of the cache sets, and at B = 512 every pass went to memory: 7% of copy bandwidth.)
+// Items are fixed by the shape, not the thread count, and per-channel partial sums of the items
+// are combined in item order, so the result has the same bits for any number of threads.
+constexpr int64_t kRowChunk = 32;
+constexpr int64_t kColBlock = 256;
+
+// Items per thread task, so that one task is >= ~32k elements: small calls run on one thread (a
+// parallel region costs more than the work, and stalls when another process holds a core).
+inline int64_t item_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kRowChunk * C)); }
 
 template <typename T>
 void bn_forward_impl(int64_t K, int64_t B, int64_t C, const std::vector<BnBranch>& br, T* out, uint8_t* mask,
                      double eps, double p, uint64_t seed) {
   using acc_t = at::opmath_type<T>;
   const int64_t n = static_cast<int64_t>(br.size());
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  const uint32_t thr = dropout_threshold(p);
-  const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
-  const acc_t inv_b = acc_t(1) / static_cast<acc_t>(B);
-  const acc_t unbias = static_cast<acc_t>(B) / static_cast<acc_t>(B - 1);
-  at::parallel_for(0, K * blocks, item_grain(B), [&](int64_t begin, int64_t end) {
-    // Scalars as locals: read through the closure, the compiler must assume the output stores
-    // may change them, and does not vectorise the loops that use them.
-    const uint32_t thr_l = thr;
-    const acc_t scale_l = scale, inv_b_l = inv_b, unbias_l = unbias, eps_l = static_cast<acc_t>(eps);
-    const uint64_t seed_l = seed;
-    acc_t mean[kMaxBranches][kChannelBlock], inv[kMaxBranches][kChannelBlock];
-    acc_t z[kChannelBlock];
-    uint32_t bits[kChannelBlock];
+  const int64_t chunks = (B + kRowChunk - 1) / kRowChunk;
+  const int64_t items = K * chunks;
+  // Pass 1: per item, per channel, sums of (a - a[row 0]) and of its square, in double (shifted by the
+  // model's first row so the variance does not cancel when |mean| >> std).
+  std::vector<double> part(static_cast<size_t>(items * n * 2 * C));
+  at::parallel_for(0, items, item_grain(C), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t k = item / blocks, c0 = (item % blocks) * kChannelBlock;
-      const int64_t w = std::min(kChannelBlock, C - c0);
-      const int64_t kc = k * C + c0;
+      const int64_t k = item / chunks, r0 = (item % chunks) * kRowChunk, r1 = std::min(B, r0 + kRowChunk);
       for (int64_t i = 0; i < n; ++i) {
-        const T* a = static_cast<const T*>(br[i].a) + k * B * C + c0;
-        acc_t* mu = mean[i];
-        acc_t* is = inv[i];
-        for (int64_t c = 0; c < w; ++c) mu[c] = 0;
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t c = 0; c < w; ++c) mu[c] += static_cast<acc_t>(a[b * C + c]);
-        for (int64_t c = 0; c < w; ++c) {
-          mu[c] *= inv_b_l;
-          is[c] = 0;
-        }
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t c = 0; c < w; ++c) {
-            const acc_t d = static_cast<acc_t>(a[b * C + c]) - mu[c];
-            is[c] += d * d;
+        const T* a = static_cast<const T*>(br[i].a) + k * B * C;
+        const T* x0 = a;
+        double* s1 = part.data() + ((item * n + i) * 2) * C;
+        double* s2 = s1 + C;
+        for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
+        for (int64_t b = r0; b < r1; ++b) {
+          const T* row = a + b * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const double d = static_cast<double>(row[c]) - static_cast<double>(x0[c]);
+            s1[c] += d;
+            s2[c] += d * d;
           }
-        T* inv_out = static_cast<T*>(br[i].invstd) + kc;
-        T* mean_out = static_cast<T*>(br[i].mean) + kc;
-        T* var_out = static_cast<T*>(br[i].var) + kc;
-        const T* pb = br[i].pre_bias ? static_cast<const T*>(br[i].pre_bias) + kc : nullptr;
-        for (int64_t c = 0; c < w; ++c) {
-          const acc_t var = is[c] * inv_b_l;
-          is[c] = acc_t(1) / std::sqrt(var + eps_l);
-          inv_out[c] = static_cast<T>(is[c]);
-          mean_out[c] = static_cast<T>(mu[c] + (pb ? static_cast<acc_t>(pb[c]) : acc_t(0)));
-          var_out[c] = static_cast<T>(var * unbias_l);
         }
       }
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = (k * B + b) * C + c0;
-        for (int64_t c = 0; c < w; ++c) z[c] = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          const T* a = static_cast<const T*>(br[i].a) + row;
-          T* xh = static_cast<T*>(br[i].xhat) + row;
-          const T* g = static_cast<const T*>(br[i].weight) + kc;
-          const T* be = static_cast<const T*>(br[i].bias) + kc;
-          const acc_t* mu = mean[i];
-          const acc_t* is = inv[i];
-          for (int64_t c = 0; c < w; ++c) {
-            const acc_t x = (static_cast<acc_t>(a[c]) - mu[c]) * is[c];
-            xh[c] = static_cast<T>(x);
-            z[c] += x * static_cast<acc_t>(g[c]) + static_cast<acc_t>(be[c]);
+    }
+  });
+  // Statistics per (model, branch, channel): partial sums combined in item order, in double.
+  std::vector<acc_t> mean(static_cast<size_t>(K * n * C)), inv(static_cast<size_t>(K * n * C));
+  at::parallel_for(0, K * n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> t1(static_cast<size_t>(C)), t2(static_cast<size_t>(C));
+    for (int64_t ki = begin; ki < end; ++ki) {
+      const int64_t k = ki / n, i = ki % n;
+      std::fill(t1.begin(), t1.end(), 0.0);
+      std::fill(t2.begin(), t2.end(), 0.0);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const double* s1 = part.data() + (((k * chunks + ch) * n + i) * 2) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          t1[c] += static_cast<double>(s1[c]);
+          t2[c] += static_cast<double>(s1[C + c]);
+        }
+      }
+      const T* x0 = static_cast<const T*>(br[i].a) + k * B * C;
+      const T* pb = br[i].pre_bias ? static_cast<const T*>(br[i].pre_bias) + k * C : nullptr;
+      T* inv_out = static_cast<T*>(br[i].invstd) + k * C;
+      T* mean_out = static_cast<T*>(br[i].mean) + k * C;
+      T* var_out = static_cast<T*>(br[i].var) + k * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const double m1 = t1[c] / static_cast<double>(B);
+        const double var = std::max(0.0, t2[c] / static_cast<double>(B) - m1 * m1);
+        const double mu = static_cast<double>(x0[c]) + m1;
+        const double is = 1.0 / std::sqrt(var + eps);
+        mean[(k * n + i) * C + c] = static_cast<acc_t>(mu);
+        inv[(k * n + i) * C + c] = static_cast<acc_t>(is);
+        inv_out[c] = static_cast<T>(is);
+        mean_out[c] = static_cast<T>(mu + (pb ? static_cast<double>(pb[c]) : 0.0));
+        var_out[c] = static_cast<T>(var * static_cast<double>(B) / static_cast<double>(B - 1));
+      }
+    }
+  });
+  // Pass 2: normalise, sum the branches, ReLU, dropout; row by row, in blocks of kColBlock
+  // channels so the temporaries are stack arrays the compiler sees as unaliased.
+  const uint32_t thr = dropout_threshold(p);
+  const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+  const acc_t* mean_all = mean.data();
+  const acc_t* inv_all = inv.data();
+  at::parallel_for(0, items, item_grain(C), [&](int64_t begin, int64_t end) {
+    // Scalars and pointers as locals: read through the closure, the compiler must assume the
+    // output stores may change them, and does not vectorise the loops that use them.
+    const uint32_t thr_l = thr;
+    const acc_t scale_l = scale;
+    const uint64_t seed_l = seed;
+    const acc_t* mean_l = mean_all;
+    const acc_t* inv_l = inv_all;
+    acc_t z[kColBlock];
+    uint32_t bits[kColBlock];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / chunks, r0 = (item % chunks) * kRowChunk, r1 = std::min(B, r0 + kRowChunk);
+      for (int64_t b = r0; b < r1; ++b) {
+        for (int64_t c0 = 0; c0 < C; c0 += kColBlock) {
+          const int64_t w = std::min(kColBlock, C - c0);
+          const int64_t row = (k * B + b) * C + c0;
+          for (int64_t c = 0; c < w; ++c) z[c] = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            const T* a = static_cast<const T*>(br[i].a) + row;
+            T* xh = static_cast<T*>(br[i].xhat) + row;
+            const T* g = static_cast<const T*>(br[i].weight) + k * C + c0;
+            const T* be = static_cast<const T*>(br[i].bias) + k * C + c0;
+            const acc_t* mu = mean_l + (k * n + i) * C + c0;
+            const acc_t* is = inv_l + (k * n + i) * C + c0;
+            for (int64_t c = 0; c < w; ++c) {
+              const acc_t x = (static_cast<acc_t>(a[c]) - mu[c]) * is[c];
+              xh[c] = static_cast<T>(x);
+              z[c] += x * static_cast<acc_t>(g[c]) + static_cast<acc_t>(be[c]);
+            }
           }
+          // Dropout: 24 random bits per element from the counter hash. The low 32 bits of the
+          // element index run over the block in one vectorisable loop unless it crosses a
+          // multiple of 2^32 (then the exact scalar formula).
+          const uint64_t first = static_cast<uint64_t>(row);
+          if ((first >> 32) == ((first + w - 1) >> 32)) {
+            const uint32_t lo0 = static_cast<uint32_t>(first), k0 = static_cast<uint32_t>(seed_l);
+            const uint32_t hk = static_cast<uint32_t>(first >> 32) + static_cast<uint32_t>(seed_l >> 32);
+            for (int64_t c = 0; c < w; ++c) bits[c] = mix32(mix32((lo0 + static_cast<uint32_t>(c)) ^ k0) ^ hk) >> 8;
+          } else {
+            for (int64_t c = 0; c < w; ++c) bits[c] = dropout_bits(seed_l, first + static_cast<uint64_t>(c));
+          }
+          T* o = out + row;
+          uint8_t* m = mask + row;
+          for (int64_t c = 0; c < w; ++c) {
+            const acc_t keep = bits[c] >= thr_l ? scale_l : acc_t(0);
+            const acc_t r = z[c] < 0 ? acc_t(0) : z[c];  // ReLU; NaN stays NaN
+            o[c] = static_cast<T>(r * keep);
+          }
+          for (int64_t c = 0; c < w; ++c) m[c] = static_cast<uint8_t>((bits[c] >= thr_l) & (z[c] > 0));
         }
-        // Dropout: 24 random bits per element from the counter hash. The low 32 bits of the
-        // element index run over the row in one vectorisable loop unless the row crosses a
-        // multiple of 2^32 (then the exact scalar formula).
-        const uint64_t first = static_cast<uint64_t>(row);
-        if ((first >> 32) == ((first + w - 1) >> 32)) {
-          const uint32_t lo0 = static_cast<uint32_t>(first), k0 = static_cast<uint32_t>(seed_l);
-          const uint32_t hk = static_cast<uint32_t>(first >> 32) + static_cast<uint32_t>(seed_l >> 32);
-          for (int64_t c = 0; c < w; ++c) bits[c] = mix32(mix32((lo0 + static_cast<uint32_t>(c)) ^ k0) ^ hk) >> 8;
-        } else {
-          for (int64_t c = 0; c < w; ++c) bits[c] = dropout_bits(seed_l, first + static_cast<uint64_t>(c));
-        }
-        T* o = out + row;
-        uint8_t* m = mask + row;
-        for (int64_t c = 0; c < w; ++c) {
-          const acc_t keep = bits[c] >= thr_l ? scale_l : acc_t(0);
-          const acc_t r = z[c] < 0 ? acc_t(0) : z[c];  // ReLU; NaN stays NaN
-          o[c] = static_cast<T>(r * keep);
-        }
-        for (int64_t c = 0; c < w; ++c) m[c] = static_cast<uint8_t>((bits[c] >= thr_l) & (z[c] > 0));
       }
     }
   });
@@ -160,8 +199,7 @@ void bn_forward_impl(int64_t K, int64_t B, int64_t C, const std::vector<BnBranch
 
 // dz = grad where the mask passes (ReLU output > 0 and kept), times 1 / (1 - p); else 0.
 template <typename T, typename acc_t>
-inline void dz_row(const T* grad, const uint8_t* mask, int64_t w, acc_t scale, acc_t* dz) {
-  acc_t mf[kChannelBlock];
+inline void dz_row(const T* grad, const uint8_t* mask, int64_t w, acc_t scale, acc_t* mf, acc_t* dz) {
   for (int64_t c = 0; c < w; ++c) mf[c] = static_cast<acc_t>(mask[c]);
   for (int64_t c = 0; c < w; ++c) dz[c] = mf[c] != 0 ? static_cast<acc_t>(grad[c]) * scale : acc_t(0);
 }
@@ -171,47 +209,76 @@ void bn_backward_impl(int64_t K, int64_t B, int64_t C, const T* grad, const uint
                       const std::vector<BnGradBranch>& br, double p) {
   using acc_t = at::opmath_type<T>;
   const int64_t n = static_cast<int64_t>(br.size());
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  const int64_t chunks = (B + kRowChunk - 1) / kRowChunk;
+  const int64_t items = K * chunks;
   const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
-  const acc_t inv_b = acc_t(1) / static_cast<acc_t>(B);
-  at::parallel_for(0, K * blocks, item_grain(B), [&](int64_t begin, int64_t end) {
-    const acc_t scale_l = scale, inv_b_l = inv_b;  // locals: see bn_forward_impl
-    acc_t sdz[kChannelBlock], sdx[kMaxBranches][kChannelBlock], dz[kChannelBlock];
+  // Pass 1: per item, per channel, sum of dz and, per branch, of dz * xhat.
+  std::vector<acc_t> part(static_cast<size_t>(items * (n + 1) * C));
+  at::parallel_for(0, items, item_grain(C), [&](int64_t begin, int64_t end) {
+    const acc_t scale_l = scale;  // a local: see bn_forward_impl
+    std::vector<acc_t> buf(static_cast<size_t>(2 * C));
+    acc_t* mf = buf.data();
+    acc_t* dz = mf + C;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t k = item / blocks, c0 = (item % blocks) * kChannelBlock;
-      const int64_t w = std::min(kChannelBlock, C - c0);
-      const int64_t kc = k * C + c0;
-      for (int64_t c = 0; c < w; ++c) sdz[c] = 0;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = 0; c < w; ++c) sdx[i][c] = 0;
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = (k * B + b) * C + c0;
-        dz_row(grad + row, mask + row, w, scale_l, dz);
-        for (int64_t c = 0; c < w; ++c) sdz[c] += dz[c];
+      const int64_t k = item / chunks, r0 = (item % chunks) * kRowChunk, r1 = std::min(B, r0 + kRowChunk);
+      acc_t* sdz = part.data() + item * (n + 1) * C;
+      for (int64_t c = 0; c < (n + 1) * C; ++c) sdz[c] = 0;
+      for (int64_t b = r0; b < r1; ++b) {
+        const int64_t row = (k * B + b) * C;
+        dz_row(grad + row, mask + row, C, scale_l, mf, dz);
+        for (int64_t c = 0; c < C; ++c) sdz[c] += dz[c];
         for (int64_t i = 0; i < n; ++i) {
           const T* xh = static_cast<const T*>(br[i].xhat) + row;
-          for (int64_t c = 0; c < w; ++c) sdx[i][c] += dz[c] * static_cast<acc_t>(xh[c]);
+          acc_t* sdx = sdz + (i + 1) * C;
+          for (int64_t c = 0; c < C; ++c) sdx[c] += dz[c] * static_cast<acc_t>(xh[c]);
         }
       }
+    }
+  });
+  // Per (model, channel): the sums over all rows, combined in item order in double; they are
+  // the bias and weight gradients.
+  std::vector<acc_t> tot(static_cast<size_t>(K * (n + 1) * C));
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> t(static_cast<size_t>((n + 1) * C));
+    for (int64_t k = begin; k < end; ++k) {
+      std::fill(t.begin(), t.end(), 0.0);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const acc_t* s = part.data() + (k * chunks + ch) * (n + 1) * C;
+        for (int64_t c = 0; c < (n + 1) * C; ++c) t[c] += static_cast<double>(s[c]);
+      }
+      for (int64_t c = 0; c < (n + 1) * C; ++c) tot[k * (n + 1) * C + c] = static_cast<acc_t>(t[c]);
       for (int64_t i = 0; i < n; ++i) {
-        T* gw = static_cast<T*>(br[i].grad_weight) + kc;
-        T* gb = static_cast<T*>(br[i].grad_bias) + kc;
-        for (int64_t c = 0; c < w; ++c) {
-          gw[c] = static_cast<T>(sdx[i][c]);
-          gb[c] = static_cast<T>(sdz[c]);
+        T* gw = static_cast<T*>(br[i].grad_weight) + k * C;
+        T* gb = static_cast<T*>(br[i].grad_bias) + k * C;
+        for (int64_t c = 0; c < C; ++c) {
+          gw[c] = static_cast<T>(t[(i + 1) * C + c]);
+          gb[c] = static_cast<T>(t[c]);
         }
       }
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = (k * B + b) * C + c0;
-        dz_row(grad + row, mask + row, w, scale_l, dz);
+    }
+  });
+  // Pass 2: da = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), row by row.
+  const acc_t inv_b = acc_t(1) / static_cast<acc_t>(B);
+  at::parallel_for(0, items, item_grain(C), [&](int64_t begin, int64_t end) {
+    const acc_t scale_l = scale, inv_b_l = inv_b;  // locals: see bn_forward_impl
+    std::vector<acc_t> buf(static_cast<size_t>(2 * C));
+    acc_t* mf = buf.data();
+    acc_t* dz = mf + C;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / chunks, r0 = (item % chunks) * kRowChunk, r1 = std::min(B, r0 + kRowChunk);
+      const acc_t* sdz = tot.data() + k * (n + 1) * C;
+      for (int64_t b = r0; b < r1; ++b) {
+        const int64_t row = (k * B + b) * C;
+        dz_row(grad + row, mask + row, C, scale_l, mf, dz);
         for (int64_t i = 0; i < n; ++i) {
           const T* xh = static_cast<const T*>(br[i].xhat) + row;
-          const T* g = static_cast<const T*>(br[i].weight) + kc;
-          const T* is = static_cast<const T*>(br[i].invstd) + kc;
+          const T* g = static_cast<const T*>(br[i].weight) + k * C;
+          const T* is = static_cast<const T*>(br[i].invstd) + k * C;
+          const acc_t* sdx = sdz + (i + 1) * C;
           T* da = static_cast<T*>(br[i].grad_input) + row;
-          for (int64_t c = 0; c < w; ++c)
+          for (int64_t c = 0; c < C; ++c)
             da[c] = static_cast<T>(static_cast<acc_t>(g[c]) * static_cast<acc_t>(is[c]) *
-                                   (dz[c] - sdz[c] * inv_b_l - static_cast<acc_t>(xh[c]) * sdx[i][c] * inv_b_l));
+                                   (dz[c] - sdz[c] * inv_b_l - static_cast<acc_t>(xh[c]) * sdx[c] * inv_b_l));
         }
       }
     }
