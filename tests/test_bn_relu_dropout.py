@@ -163,6 +163,24 @@ def test_compile_traces_the_op():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(*args), f(*args))
 
 
+def test_compile_the_public_function():
+    inputs, weights, biases, rm, rv, pb = make(2, 6, 12, 2, torch.float32)
+    rm2, rv2 = clone_stats(rm), clone_stats(rv)
+
+    def f(i, w, b, m, v, pre):
+        return bn_relu_dropout(i, w, b, m, v, pre, p=0.2, seed=5) * 2
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(inputs, weights, biases, rm, rv, pb)
+    ref = f(inputs, weights, biases, rm2, rv2, pb)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(rm + rv, rm2 + rv2):
+        torch.testing.assert_close(a, b)
+    g = torch.autograd.grad(out.sum(), inputs + weights)
+    g2 = torch.autograd.grad(ref.sum(), inputs + weights)
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b)
+
+
 BAD = [
     (lambda a, w, b: bn_relu_dropout([], w, b), ValueError, "inputs"),
     (lambda a, w, b: bn_relu_dropout([a[0][:, :1]], w, b), ValueError, "at least 2 rows"),

@@ -49,11 +49,17 @@ def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=No
             or not _ext.use_kernel("bn_relu_dropout", a0)):
         return reference.bn_relu_dropout(inputs, weights, biases, running_means, running_vars, pre_biases,
                                          momentum, eps, p, seed)
-    out, _, _, _, means, variances = torch.ops.bmc_fast.bn_relu_dropout(
-        list(inputs), list(weights), list(biases), list(pre_biases), float(eps), float(p), int(seed))
+    if not torch.compiler.is_compiling():  # eager: the light autograd wrapper (see _BnReluDropout)
+        n = len(inputs)
+        res = _BnReluDropout.apply(n, float(eps), float(p), int(seed), *inputs, *weights, *biases, *pre_biases)
+        out, means, variances = res[0], list(res[2:2 + n]), list(res[2 + n:])
+    else:  # traced: the registered op, its fake kernel and registered autograd
+        out, _, _, _, means, variances = torch.ops.bmc_fast.bn_relu_dropout(
+            list(inputs), list(weights), list(biases), list(pre_biases), float(eps), float(p), int(seed))
     if running_means:
         with torch.no_grad():
-            torch._foreach_lerp_(list(running_means) + list(running_vars), means + variances, float(momentum))
+            torch._foreach_lerp_(list(running_means) + list(running_vars), list(means) + list(variances),
+                                 float(momentum))
     return out
 
 
@@ -109,7 +115,8 @@ class _BnReluDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, n, eps, p, seed, *tensors):
-        inputs, weights, biases, pre = (list(tensors[i * n:(i + 1) * n]) for i in range(4))
+        inputs, weights, biases = (list(tensors[i * n:(i + 1) * n]) for i in range(3))
+        pre = list(tensors[3 * n:])  # n tensors or none
         with torch._C._AutoDispatchBelowAutograd():
             out, mask, xhats, invstds, means, variances = torch.ops.bmc_fast.bn_relu_dropout.default(
                 inputs, weights, biases, pre, eps, p, seed)
@@ -125,8 +132,9 @@ class _BnReluDropout(torch.autograd.Function):
             return (None,) * (4 + 4 * n)
         gi, gw, gb = torch.ops.bmc_fast.bn_relu_dropout_backward.default(
             grad_out, s[0], list(s[1:1 + n]), list(s[1 + n:1 + 2 * n]), list(s[1 + 2 * n:]), ctx.p)
-        g_pre = [torch.zeros_like(w) if ctx.needs_input_grad[4 + 3 * n + i] else None for i, w in
-                 enumerate(s[1 + 2 * n:])]
+        n_pre = len(ctx.needs_input_grad) - 4 - 3 * n  # n, or 0 without pre_biases
+        g_pre = [torch.zeros_like(s[1 + 2 * n + i]) if ctx.needs_input_grad[4 + 3 * n + i] else None
+                 for i in range(n_pre)]
         return (None, None, None, None, *gi, *gw, *gb, *g_pre)
 
 
