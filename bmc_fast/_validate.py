@@ -215,9 +215,10 @@ def bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, p
         raise ValueError(f"inputs must be a list of 1 to 4 tensors, got {type(inputs).__name__}"
                          + (f" of {len(inputs)}" if isinstance(inputs, (list, tuple)) else ""))
     a0 = floating(inputs[0], "inputs[0]")
-    if a0.dim() != 3:
-        raise ValueError(f"inputs[0] must have shape [K, B, C], got {list(a0.shape)}")
-    k, b, c = a0.shape
+    if a0.dim() not in (2, 3):
+        raise ValueError(f"inputs[0] must have shape [K, B, C] or [B, C], got {list(a0.shape)}")
+    b, c = a0.shape[-2:]
+    stat = (c,) if a0.dim() == 2 else (a0.shape[0], c)
     if b < 2:
         raise ValueError(f"inputs must have at least 2 rows per model (batch statistics), got shape {list(a0.shape)}")
     for i, a in enumerate(inputs):
@@ -238,7 +239,7 @@ def bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, p
             floating(t, f"{name}[{i}]")
             same_dtype(t, a0, f"{name}[{i}]", "inputs[0]")
             same_device(t, a0, f"{name}[{i}]", "inputs[0]")
-            shape(t, (k, c), f"{name}[{i}]")
+            shape(t, stat, f"{name}[{i}]")
     if bool(running_means) != bool(running_vars):
         raise ValueError("running_means and running_vars must be given together")
     for name, val, lo, hi, hi_open in (("momentum", momentum, 0.0, 1.0, False), ("p", p, 0.0, 1.0, True)):

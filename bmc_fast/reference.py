@@ -164,6 +164,10 @@ def dropout_keep_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
 def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=None, pre_biases=None,
                     momentum=0.1, eps=1e-5, p=0.0, seed=0):
     v.bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p)
+    if inputs[0].dim() == 2:  # one model's [B, C]: the stacked form with K = 1
+        lists = [[t[None] for t in lst] if lst else lst for lst in (inputs, weights, biases, running_means,
+                                                                     running_vars, pre_biases)]
+        return bn_relu_dropout(*lists, momentum, eps, p, seed)[0]
     acc = _acc(inputs[0])
     b = inputs[0].shape[1]
     z = 0

@@ -64,7 +64,8 @@ TORCH_LIBRARY(bmc_fast, m) {
 
   // The training-mode normalisation + activation of a (stacked) ResMLP layer, fused:
   // out = dropout_p(relu(sum_i BN_i(inputs[i]))), BN_i normalising each [K, B, C] input over its
-  // B rows per (k, c) with the biased variance, then * weights[i] + biases[i] ([K, C]).
+  // B rows per (k, c) with the biased variance, then * weights[i] + biases[i] ([K, C]). One
+  // unstacked model may pass [B, C] inputs with [C] per-channel tensors (K = 1).
   // The dropout mask is a hash of (seed, element index) (csrc/common/dropout_hash.h); kept
   // outputs are scaled by 1 / (1 - p). mask (uint8) is 1 where the gradient passes (relu output
   // > 0 and kept); xhats are the normalised inputs and invstds the [K, C] inverse standard

@@ -57,6 +57,30 @@ def test_matches_reference(dtype, n, shape, p):
         assert torch.equal(gp, torch.zeros_like(gp))
 
 
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+def test_unstacked_form(dtype):
+    # One model's [B, C] inputs with [C] parameters: the K = 1 case without views.
+    inputs, weights, biases, rm, rv, pb = make(1, 9, 33, 2, dtype)
+    flat = lambda lst: [t.detach()[0].requires_grad_(t.requires_grad) for t in lst]  # noqa: E731
+    i2, w2, b2, p2 = flat(inputs), flat(weights), flat(biases), flat(pb)
+    rm2, rv2 = [t[0].clone() for t in rm], [t[0].clone() for t in rv]
+    out2 = bn_relu_dropout(i2, w2, b2, rm2, rv2, p2, p=0.3, seed=8)
+    out3 = bn_relu_dropout(inputs, weights, biases, rm, rv, pb, p=0.3, seed=8)
+    ref = reference.bn_relu_dropout(i2, w2, b2, None, None, p2, p=0.3, seed=8)
+    assert out2.shape == (9, 33)
+    torch.testing.assert_close(out2, out3[0], rtol=0, atol=0)
+    torch.testing.assert_close(out2, ref, **(TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)))
+    for a, b in zip(rm2 + rv2, rm + rv):
+        torch.testing.assert_close(a, b[0], rtol=0, atol=0)
+    g2 = torch.autograd.grad(out2.sum(), i2 + w2 + b2 + p2)
+    g3 = torch.autograd.grad(out3.sum(), inputs + weights + biases + pb)
+    for a, b in zip(g2, g3):
+        assert a.shape == b.shape[1:]
+        torch.testing.assert_close(a, b[0], rtol=0, atol=0)
+    torch.library.opcheck(OP, ([t.detach() for t in i2], [t.detach() for t in w2], [t.detach() for t in b2],
+                               [t.detach() for t in p2], 1e-5, 0.3, 8))
+
+
 def test_gradcheck():
     inputs, weights, biases, _, _, _ = make(2, 5, 9, 2, torch.float64, running=False, pre=False)
     n = 2
@@ -184,7 +208,10 @@ def test_compile_the_public_function():
 BAD = [
     (lambda a, w, b: bn_relu_dropout([], w, b), ValueError, "inputs"),
     (lambda a, w, b: bn_relu_dropout([a[0][:, :1]], w, b), ValueError, "at least 2 rows"),
-    (lambda a, w, b: bn_relu_dropout([a[0][0]], w, b), ValueError, r"inputs\[0\] must have shape \[K, B, C\]"),
+    (lambda a, w, b: bn_relu_dropout([a[0][0, 0]], w, b), ValueError, r"inputs\[0\] must have shape \[K, B, C\]"),
+    (lambda a, w, b: bn_relu_dropout([a[0][0]], w, b), ValueError, r"weights\[0\] must have shape \[8\]"),
+    (lambda a, w, b: OP([a[0][0].detach()], [w[0].detach()], [b[0].detach()], [], 1e-5, 0.0, 0), ValueError,
+     r"weights\[0\] must have shape \[8\]"),
     (lambda a, w, b: bn_relu_dropout(a, [w[0][:, :3]], b), ValueError, r"weights\[0\]"),
     (lambda a, w, b: bn_relu_dropout(a, w, b, p=1.0), ValueError, "p must be"),
     (lambda a, w, b: bn_relu_dropout(a, w, b, eps=0.0), ValueError, "eps must be"),

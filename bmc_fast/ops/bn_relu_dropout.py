@@ -24,10 +24,12 @@ def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=No
        \frac{a_i - \mu_i}{\sqrt{\sigma_i^2 + \epsilon}}\, \gamma_i + \beta_i\big)\Big)
 
     Args:
-        inputs: 1 to 4 tensors ``[K, B, C]`` (K models, B >= 2 rows, C channels), float32 or
+        inputs: 1 to 4 tensors ``[K, B, C]`` (K models, B >= 2 rows, C channels; or one model's
+            ``[B, C]``, then every per-channel tensor below is ``[C]``), float32 or
             float64 on the CPU for the fused kernel (other dtypes and devices run the reference). Statistics are per
             (model, channel) over the B rows, with the biased variance, as BatchNorm in training.
-        weights, biases: one ``[K, C]`` tensor per input (the BatchNorm affine parameters).
+        weights, biases: one ``[K, C]`` (or ``[C]``) tensor per input (the BatchNorm affine
+            parameters).
         running_means, running_vars: ``[K, C]`` per input, updated in place like BatchNorm's
             buffers (``momentum``, unbiased variance); None to skip.
         pre_biases: ``[K, C]`` per input or None: a bias added to the input before the BN (a
@@ -63,19 +65,22 @@ def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=No
     return out
 
 
+def _stat_shape(a):  # [K, C] per-channel tensors for [K, B, C] inputs, [C] for one model's [B, C]
+    return (a.shape[-1],) if a.dim() == 2 else (a.shape[0], a.shape[2])
+
+
 def _fake(inputs, weights, biases, pre_biases, eps, p, seed):
     a = inputs[0]
-    k, _, c = a.shape
-    stats = lambda: [a.new_empty((k, c)) for _ in inputs]  # noqa: E731
+    stats = lambda: [a.new_empty(_stat_shape(a)) for _ in inputs]  # noqa: E731
     return (torch.empty_like(a, memory_format=torch.contiguous_format), a.new_empty(a.shape, dtype=torch.uint8),
             [torch.empty_like(a, memory_format=torch.contiguous_format) for _ in inputs], stats(), stats(), stats())
 
 
 def _backward_fake(grad_out, mask, xhats, invstds, weights, p):
-    k, _, c = xhats[0].shape
+    shape = _stat_shape(xhats[0])
     return ([torch.empty_like(x, memory_format=torch.contiguous_format) for x in xhats],
-            [xhats[0].new_empty((k, c)) for _ in xhats],
-            [xhats[0].new_empty((k, c)) for _ in xhats])
+            [xhats[0].new_empty(shape) for _ in xhats],
+            [xhats[0].new_empty(shape) for _ in xhats])
 
 
 def _setup_context(ctx, inputs, output):

@@ -304,12 +304,19 @@ void bn_relu_dropout_backward_kernel(at::ScalarType dtype, int64_t K, int64_t B,
 #ifdef BMC_CPU_HOST
 namespace {
 
+// The shape of every per-channel tensor: [K, C], or [C] when the inputs are one unstacked
+// model's [B, C].
+std::vector<int64_t> stat_shape(const at::Tensor& like, int64_t K, int64_t C) {
+  return like.dim() == 2 ? std::vector<int64_t>{C} : std::vector<int64_t>{K, C};
+}
+
 void check_stat(const at::Tensor& t, const at::Tensor& like, int64_t K, int64_t C, const char* name, size_t i) {
   check_cpu(t, name);
   TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, "[", i, "] must have the dtype of inputs (",
                    like.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == K && t.size(1) == C, name, "[", i, "] must have shape [", K,
-                    ", ", C, "], got ", t.sizes());
+  const auto want = stat_shape(like, K, C);
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(want), name, "[", i, "] must have shape ", at::IntArrayRef(want),
+                    " (", like.dim() == 2 ? "[C] for [B, C] inputs" : "[K, C]", "), got ", t.sizes());
 }
 
 void check_list_size(size_t got, size_t n, const char* name, bool optional) {
@@ -317,14 +324,15 @@ void check_list_size(size_t got, size_t n, const char* name, bool optional) {
                     " like inputs, got ", got);
 }
 
-// [K, B, C] inputs of one dtype (float32/float64) and shape; returns (K, B, C).
+// [K, B, C] (or one model's [B, C]) inputs of one dtype (float32/float64) and shape; returns
+// (K, B, C), K = 1 for [B, C].
 std::array<int64_t, 3> check_inputs(at::TensorList inputs, const char* name) {
   TORCH_CHECK_VALUE(!inputs.empty() && static_cast<int64_t>(inputs.size()) <= kMaxBranches, name,
                     " must hold 1 to ", kMaxBranches, " tensors, got ", inputs.size());
   const at::Tensor& a0 = inputs[0];
   TORCH_CHECK_TYPE(a0.scalar_type() == at::kFloat || a0.scalar_type() == at::kDouble, name,
                    " must be float32 or float64 tensors, got ", a0.scalar_type());
-  TORCH_CHECK_VALUE(a0.dim() == 3, name, " must have shape [K, B, C], got ", a0.sizes());
+  TORCH_CHECK_VALUE(a0.dim() == 3 || a0.dim() == 2, name, " must have shape [K, B, C] or [B, C], got ", a0.sizes());
   for (size_t i = 0; i < inputs.size(); ++i) {
     check_cpu(inputs[i], name);
     TORCH_CHECK_TYPE(inputs[i].scalar_type() == a0.scalar_type(), name, "[", i, "] must have the dtype of ", name,
@@ -332,6 +340,7 @@ std::array<int64_t, 3> check_inputs(at::TensorList inputs, const char* name) {
     TORCH_CHECK_VALUE(inputs[i].sizes() == a0.sizes(), name, "[", i, "] must have the shape of ", name, "[0] ",
                       a0.sizes(), ", got ", inputs[i].sizes());
   }
+  if (a0.dim() == 2) return {1, a0.size(0), a0.size(1)};
   return {a0.size(0), a0.size(1), a0.size(2)};
 }
 
@@ -355,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec, TensorVec> b
   TensorVec keep;  // contiguous copies that must outlive the kernel
   TensorVec xhats, invstds, means, vars;
   std::vector<BnBranch> br(n);
-  const auto stat = [&] { return at::empty({K, C}, inputs[0].options()); };
+  const auto stat = [&] { return at::empty(stat_shape(inputs[0], K, C), inputs[0].options()); };
   for (size_t i = 0; i < n; ++i) {
     check_stat(weights[i], inputs[0], K, C, "weights", i);
     check_stat(biases[i], inputs[0], K, C, "biases", i);
@@ -371,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec, TensorVec> b
       keep.push_back(pre_biases[i].contiguous());
       br[i].pre_bias = keep.back().const_data_ptr();
     }
-    xhats.push_back(at::empty({K, B, C}, inputs[0].options()));
+    xhats.push_back(at::empty(inputs[0].sizes(), inputs[0].options()));
     invstds.push_back(stat());
     means.push_back(stat());
     vars.push_back(stat());
@@ -380,8 +389,8 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec, TensorVec> b
     br[i].mean = means.back().mutable_data_ptr();
     br[i].var = vars.back().mutable_data_ptr();
   }
-  at::Tensor out = at::empty({K, B, C}, inputs[0].options());
-  at::Tensor mask = at::empty({K, B, C}, inputs[0].options().dtype(at::kByte));
+  at::Tensor out = at::empty(inputs[0].sizes(), inputs[0].options());
+  at::Tensor mask = at::empty(inputs[0].sizes(), inputs[0].options().dtype(at::kByte));
   BMC_CPU_CALL(bn_relu_dropout_kernel, inputs[0].scalar_type(), K, B, C, br, out.mutable_data_ptr(),
                mask.mutable_data_ptr<uint8_t>(), eps, p, static_cast<uint64_t>(seed));
   return {out, mask, xhats, invstds, means, vars};
@@ -416,9 +425,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     br[i].invstd = keep.back().const_data_ptr();
     keep.push_back(weights[i].contiguous());
     br[i].weight = keep.back().const_data_ptr();
-    gi.push_back(at::empty({K, B, C}, xhats[0].options()));
-    gw.push_back(at::empty({K, C}, xhats[0].options()));
-    gb.push_back(at::empty({K, C}, xhats[0].options()));
+    gi.push_back(at::empty(xhats[0].sizes(), xhats[0].options()));
+    gw.push_back(at::empty(stat_shape(xhats[0], K, C), xhats[0].options()));
+    gb.push_back(at::empty(stat_shape(xhats[0], K, C), xhats[0].options()));
     br[i].grad_input = gi.back().mutable_data_ptr();
     br[i].grad_weight = gw.back().mutable_data_ptr();
     br[i].grad_bias = gb.back().mutable_data_ptr();
