@@ -1,9 +1,9 @@
 """Ablation on the embedded digits stream: what BMC's stability and distillation terms add.
 
-Small buffers (so the memory cannot replay everything), K = 2 experts, three seeds. Prints a
+Small buffers (so the memory cannot replay everything), K = 2 experts, five seeds. Prints a
 Markdown table (mean +- std of final class-IL accuracy and forgetting) for README.md.
 
-    python benchmarks/ablation.py [--seeds 0 1 2] [--buffer 20]
+    python benchmarks/ablation.py [--seeds 0 1 2 3 4] [--buffer 20]
 """
 import argparse
 import statistics
@@ -26,7 +26,7 @@ VARIANTS = {
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--buffer", type=int, default=20)
     p.add_argument("--experts", type=int, default=2)
     a = p.parse_args()

@@ -27,7 +27,7 @@ from bmc_fast.models import ResMLP
 import shapes
 
 K, N, D, C_PER_TASK = (4, 10_000, 768, 10) if not shapes.QUICK else (2, 256, 32, 4)
-REPS = 2 if not shapes.QUICK else 1
+REPS = 3 if not shapes.QUICK else 1
 VARIANTS = {
     "bmc_fast": dict(parallel="stacked", losses="fused", fused_backbone=True, fused_optimizer=True),
     "authors": dict(parallel="sequential", losses="reference", fused_backbone=False, fused_optimizer=False),
