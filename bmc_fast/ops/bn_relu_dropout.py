@@ -25,9 +25,10 @@ def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=No
 
     Args:
         inputs: 1 to 4 tensors ``[K, B, C]`` (K models, B >= 2 rows, C channels; or one model's
-            ``[B, C]``, then every per-channel tensor below is ``[C]``), float32 or
-            float64 on the CPU for the fused kernel (other dtypes and devices run the reference). Statistics are per
-            (model, channel) over the B rows, with the biased variance, as BatchNorm in training.
+            ``[B, C]``, then every per-channel tensor below is ``[C]``). The fused kernel runs
+            float32/float64 on the CPU; other dtypes and devices run the reference (same
+            semantics). Statistics are per (model, channel) over the B rows, with the biased
+            variance, as BatchNorm in training.
         weights, biases: one ``[K, C]`` (or ``[C]``) tensor per input (the BatchNorm affine
             parameters).
         running_means, running_vars: ``[K, C]`` per input, updated in place like BatchNorm's
@@ -52,12 +53,12 @@ def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=No
         return reference.bn_relu_dropout(inputs, weights, biases, running_means, running_vars, pre_biases,
                                          momentum, eps, p, seed)
     if not torch.compiler.is_compiling():  # eager: the light autograd wrapper (see _BnReluDropout)
-        n = len(inputs)
-        res = _BnReluDropout.apply(n, float(eps), float(p), int(seed), *inputs, *weights, *biases, *pre_biases)
-        out, means, variances = res[0], list(res[2:2 + n]), list(res[2 + n:])
-    else:  # traced: the registered op, its fake kernel and registered autograd
-        out, _, _, _, means, variances = torch.ops.bmc_fast.bn_relu_dropout(
-            list(inputs), list(weights), list(biases), list(pre_biases), float(eps), float(p), int(seed))
+        return bn_relu_dropout_unchecked(list(inputs), list(weights), list(biases), list(running_means),
+                                         list(running_vars), list(pre_biases), float(momentum), float(eps),
+                                         float(p), int(seed))
+    # traced: the registered op, its fake kernel and registered autograd
+    out, _, _, _, means, variances = torch.ops.bmc_fast.bn_relu_dropout(
+        list(inputs), list(weights), list(biases), list(pre_biases), float(eps), float(p), int(seed))
     if running_means:
         with torch.no_grad():
             torch._foreach_lerp_(list(running_means) + list(running_vars), list(means) + list(variances),
@@ -145,11 +146,11 @@ class _BnReluDropout(torch.autograd.Function):
 
 def bn_relu_dropout_unchecked(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p,
                               seed):
-    """The fused op without the Python argument checks (the kernel still checks shapes and
-    dtypes) and with a lighter autograd wrapper: for callers that built the arguments themselves,
-    e.g. the fused ResMLP. Every list holds one tensor per input (pre_biases too)."""
-    n = len(inputs)
-    res = _BnReluDropout.apply(n, eps, p, seed, *inputs, *weights, *biases, *pre_biases)
-    with torch.no_grad():
-        torch._foreach_lerp_(running_means + running_vars, list(res[2:]), momentum)
+    """The fused op (eager mode) without the Python argument checks (the kernel still checks
+    shapes and dtypes), for callers that built the arguments themselves, e.g. the fused ResMLP.
+    Lists, not None; running_means/running_vars and pre_biases hold one tensor per input or none."""
+    res = _BnReluDropout.apply(len(inputs), eps, p, seed, *inputs, *weights, *biases, *pre_biases)
+    if running_means:
+        with torch.no_grad():
+            torch._foreach_lerp_(running_means + running_vars, list(res[2:]), momentum)
     return res[0]
