@@ -142,7 +142,11 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, 
         rows = torch.arange(k, device=device)[:, None]
         return x_pad[rows, idx[:, s]], y_pad[rows, idx[:, s]]
 
-    def base_features(xb):  # [K, B, ...] -> [K, B, F], the frozen base on the same batches
+    table = _base_feature_table(frozen, x_pad, sizes) if stab and cfg.stability == "feature" else None
+
+    def base_features(xb, s):  # [K, B, ...] -> [K, B, F], the frozen base on the same batches
+        if table is not None:
+            return table[torch.arange(k, device=device)[:, None], idx[:, s]]
         with torch.no_grad():
             return frozen(xb.reshape((-1,) + xb.shape[2:]))[1].view(xb.shape[0], xb.shape[1], -1)
 
@@ -174,6 +178,27 @@ def _step_loss(logits, feats, yb, off_rows, ln_rows, hb, expert_flat, base_flat,
     return loss
 
 
+# The frozen base's features of every training sample are computed once, before the expert
+# steps, when they fit in this many bytes: a few large forward passes instead of one small one
+# per step (and one per epoch). Eval mode makes a sample's features independent of its batch.
+BASE_FEATURE_TABLE_BYTES = 256 * 2**20
+
+
+@torch.no_grad()
+def _base_feature_table(frozen: nn.Module, x_pad: torch.Tensor, sizes: list[int], chunk: int = 4096):
+    """[K, N, F] base features of the padded task inputs, or None above the memory budget."""
+    k, n = x_pad.shape[:2]
+    probe = frozen(x_pad[0, :1])[1]
+    if k * n * probe[0].numel() * probe.element_size() > BASE_FEATURE_TABLE_BYTES:
+        return None
+    table = torch.zeros((k, n) + tuple(probe.shape[1:]), dtype=probe.dtype, device=probe.device)
+    for i, size in enumerate(sizes):
+        for a in range(0, size, chunk):
+            b = min(size, a + chunk)
+            table[i, a:b] = frozen(x_pad[i, a:b])[1]
+    return table
+
+
 def _fused_backbone(base: nn.Module, cfg, x: torch.Tensor) -> bool:
     return bool(cfg.fused_backbone and isinstance(base, ResMLP) and base.fused and fused_path_available(base, x))
 
@@ -203,7 +228,7 @@ def _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off,
     for s in range(steps):
         xb, yb = batch(s)
         logits, feats = batched(params, buffers, xb)
-        hb = base_features(xb) if stab and cfg.stability == "feature" else None
+        hb = base_features(xb, s) if stab and cfg.stability == "feature" else None
         ef = torch.cat([p.reshape(k, -1) for p in params.values()], 1) if stab and cfg.stability == "weight" else None
         loss = _step_loss(logits.reshape(k * bsz, -1), feats, yb.reshape(-1), off_rows, ln_rows, hb, ef, base_flat,
                           cfg, L, stab, k, bsz)
@@ -246,7 +271,7 @@ def _train_each(base, frozen, batch, base_features, base_flat, k, steps, off, ln
     last = [None] * k
     for s in range(steps):
         xb, yb = batch(s)
-        hb = base_features(xb) if stab and cfg.stability == "feature" else None
+        hb = base_features(xb, s) if stab and cfg.stability == "feature" else None
         if streams is None:
             for i in range(k):
                 last[i] = one(i, xb, yb, hb)

@@ -56,6 +56,36 @@ def test_modes_train_the_same_experts(stream, stability):
         torch.testing.assert_close(a.buffer.features, b.buffer.features, rtol=1e-4, atol=1e-4)
 
 
+def test_base_feature_table_gives_the_same_experts(stream, monkeypatch):
+    import bmc_fast.experts as ex
+    torch.manual_seed(0)
+    base = _MLP(stream.input_dim, stream.num_classes)
+    cfg = BMCConfig(n_experts=2, epochs=2, batch_size=32, keep_expert_states=True, progress=False, lr=1e-3)
+    with_table = train_experts(base, stream, [0, 1], cfg, seed=3)
+    monkeypatch.setattr(ex, "BASE_FEATURE_TABLE_BYTES", 0)  # per-step base forward instead
+    per_step = train_experts(base, stream, [0, 1], cfg, seed=3)
+    for a, b in zip(with_table, per_step):
+        for name in a.state:
+            torch.testing.assert_close(a.state[name], b.state[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_resmlp_stacked_equals_sequential(stream):
+    # The fused ResMLP path: K stacked models in batched matmuls vs one model at a time. Without
+    # dropout the two agree (and, unlike the nn.Module path, the biases in front of a BatchNorm
+    # get their exact zero gradient in both, so nothing drifts).
+    torch.manual_seed(0)
+    base = ResMLP(stream.input_dim, stream.num_classes, dropout=0.0)
+    out = {}
+    for mode in ("stacked", "sequential"):
+        cfg = BMCConfig(n_experts=3, parallel=mode, epochs=2, batch_size=32, keep_expert_states=True,
+                        progress=False, lr=1e-3)
+        out[mode] = train_experts(base, stream, [0, 1, 2], cfg, seed=5)
+    for a, b in zip(out["stacked"], out["sequential"]):
+        for name in a.state:
+            torch.testing.assert_close(a.state[name].float(), b.state[name].float(), rtol=1e-3, atol=1e-4,
+                                       msg=lambda m: f"task {a.task} {name}: {m}")
+
+
 def test_stacked_batchnorm_keeps_per_expert_statistics(stream):
     torch.manual_seed(0)
     base = ResMLP(stream.input_dim, stream.num_classes, dropout=0.0)
