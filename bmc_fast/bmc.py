@@ -60,6 +60,7 @@ class BMCConfig:
     losses: str = "fused"             # "fused" | "reference"
     fused_backbone: bool = True       # the default ResMLP trains through the fused CPU kernels
     fused_optimizer: bool = True      # torch's fused AdamW (False: torch's default AdamW loop)
+    base_feature_table_mb: float = 256  # base features of all samples precomputed up to this size (0: per step)
     device: str = "cpu"
     seed: int = 0
     progress: bool | None = None      # None: only on a terminal
@@ -78,7 +79,7 @@ class BMCConfig:
         for name in ("consolidation_epochs", "lr_patience", "early_stopping"):
             pos_int(name, 0)
         for name in ("stability_coef", "task_coef", "distill_coef", "kd_coef", "lr", "weight_decay",
-                     "consolidation_lr", "mixup_alpha", "dropout"):
+                     "consolidation_lr", "mixup_alpha", "dropout", "base_feature_table_mb"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"BMCConfig.{name} must be a finite number >= 0, got {v!r}")

@@ -142,7 +142,8 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, 
         rows = torch.arange(k, device=device)[:, None]
         return x_pad[rows, idx[:, s]], y_pad[rows, idx[:, s]]
 
-    table = _base_feature_table(frozen, x_pad, sizes) if stab and cfg.stability == "feature" else None
+    table = (_base_feature_table(frozen, x_pad, sizes, cfg.base_feature_table_mb)
+             if stab and cfg.stability == "feature" and cfg.base_feature_table_mb > 0 else None)
 
     def base_features(xb, s):  # [K, B, ...] -> [K, B, F], the frozen base on the same batches
         if table is not None:
@@ -178,18 +179,16 @@ def _step_loss(logits, feats, yb, off_rows, ln_rows, hb, expert_flat, base_flat,
     return loss
 
 
-# The frozen base's features of every training sample are computed once, before the expert
-# steps, when they fit in this many bytes: a few large forward passes instead of one small one
-# per step (and one per epoch). Eval mode makes a sample's features independent of its batch.
-BASE_FEATURE_TABLE_BYTES = 256 * 2**20
-
-
 @torch.no_grad()
-def _base_feature_table(frozen: nn.Module, x_pad: torch.Tensor, sizes: list[int], chunk: int = 4096):
-    """[K, N, F] base features of the padded task inputs, or None above the memory budget."""
+def _base_feature_table(frozen: nn.Module, x_pad: torch.Tensor, sizes: list[int], budget_mb: float,
+                        chunk: int = 4096):
+    """[K, N, F] features of the frozen base for the padded task inputs, or None above
+    ``budget_mb``. Computed once, before the expert steps: a few large forward passes instead of
+    one small one per step (and per epoch). Eval mode makes a sample's features independent of
+    its batch, so this is the same as computing them batch by batch."""
     k, n = x_pad.shape[:2]
     probe = frozen(x_pad[0, :1])[1]
-    if k * n * probe[0].numel() * probe.element_size() > BASE_FEATURE_TABLE_BYTES:
+    if k * n * probe[0].numel() * probe.element_size() > budget_mb * 2**20:
         return None
     table = torch.zeros((k, n) + tuple(probe.shape[1:]), dtype=probe.dtype, device=probe.device)
     for i, size in enumerate(sizes):

@@ -56,13 +56,12 @@ def test_modes_train_the_same_experts(stream, stability):
         torch.testing.assert_close(a.buffer.features, b.buffer.features, rtol=1e-4, atol=1e-4)
 
 
-def test_base_feature_table_gives_the_same_experts(stream, monkeypatch):
-    import bmc_fast.experts as ex
+def test_base_feature_table_gives_the_same_experts(stream):
     torch.manual_seed(0)
     base = _MLP(stream.input_dim, stream.num_classes)
     cfg = BMCConfig(n_experts=2, epochs=2, batch_size=32, keep_expert_states=True, progress=False, lr=1e-3)
     with_table = train_experts(base, stream, [0, 1], cfg, seed=3)
-    monkeypatch.setattr(ex, "BASE_FEATURE_TABLE_BYTES", 0)  # per-step base forward instead
+    cfg.base_feature_table_mb = 0  # the frozen base's forward at every step instead
     per_step = train_experts(base, stream, [0, 1], cfg, seed=3)
     for a, b in zip(with_table, per_step):
         for name in a.state:
