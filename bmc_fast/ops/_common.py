@@ -48,3 +48,41 @@ def scale_rows(ctx, grad: torch.Tensor, grad_output: torch.Tensor, reduction: st
     else:
         g = grad_output.to(grad.dtype)
     return grad.mul_(g) if _graph_is_freed_after_this_backward() else grad * g
+
+
+def light_call(registration):
+    """The op of ``registration`` (name, fake, backward, setup_context) as a function that, in
+    eager mode, runs its kernel under a plain :class:`torch.autograd.Function` built from the
+    same setup_context/backward. torch.library's generic autograd wrapper costs ~70 us a call
+    (argument flattening in Python, also when nothing needs a gradient), more than the kernels
+    at small sizes. Under torch.compile or a functorch transform the registered op (fake kernel,
+    registered autograd) runs as before."""
+    name, _fake, backward, setup_context = registration
+    short = name.split("::")[1]
+
+    def op(*inputs):  # looked up at call time: without the extension there is no such op (and no call)
+        return getattr(torch.ops.bmc_fast, short).default(*inputs)
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch._C._AutoDispatchBelowAutograd():
+                out = op(*inputs)
+            setup_context(ctx, inputs, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    _Fn.__name__ = _Fn.__qualname__ = "".join(w.capitalize() for w in short.split("_"))
+
+    def call(*inputs):
+        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+            return op(*inputs)
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            return _Fn.apply(*inputs)
+        with torch._C._AutoDispatchBelowAutograd():  # nothing to record: straight to the kernel
+            return op(*inputs)
+
+    return call

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, _validate, reference
-from ._common import acc_dtype, grad_like, loss_like, scale_rows
+from ._common import light_call, acc_dtype, grad_like, loss_like, scale_rows
 
 OP = "bmc_fast::batched_distillation_loss"
 
@@ -34,7 +34,7 @@ def batched_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, expe
     if not _ext.use_kernel("batched_distillation_loss", student):
         return reference.batched_distillation_loss(student, teacher, expert_ids, num_experts, weights, reduction)
     compute_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
-    return torch.ops.bmc_fast.batched_distillation_loss(
+    return _call(
         student, teacher, expert_ids, num_experts, weights, reduction, compute_grad)[0]
 
 
@@ -76,3 +76,4 @@ def _batched_distillation_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_ex
 
 # Registered by bmc_fast/ops/__init__.py (the module named by set_python_module in csrc/library.cpp).
 REGISTRATION = (OP, _batched_distillation_loss_fake, _batched_distillation_loss_backward, _batched_distillation_loss_setup_context)
+_call = light_call(REGISTRATION)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, _validate, reference
-from ._common import acc_dtype, grad_like, loss_like, scale_rows
+from ._common import light_call, acc_dtype, grad_like, loss_like, scale_rows
 
 OP = "bmc_fast::stability_loss"
 
@@ -30,7 +30,7 @@ def stability_loss(expert: torch.Tensor, base: torch.Tensor, weights: torch.Tens
     if not _ext.use_kernel("stability_loss", expert):
         return reference.stability_loss(expert, base, weights, reduction)
     compute_grad = torch.is_grad_enabled() and (expert.requires_grad or base.requires_grad)
-    return torch.ops.bmc_fast.stability_loss(expert, base, weights, reduction, compute_grad)[0]
+    return _call(expert, base, weights, reduction, compute_grad)[0]
 
 
 def _stability_loss_fake(expert, base, weights, reduction, compute_grad):
@@ -69,3 +69,4 @@ def _stability_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_expert):
 
 # Registered by bmc_fast/ops/__init__.py (the module named by set_python_module in csrc/library.cpp).
 REGISTRATION = (OP, _stability_loss_fake, _stability_loss_backward, _stability_loss_setup_context)
+_call = light_call(REGISTRATION)

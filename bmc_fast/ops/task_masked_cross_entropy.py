@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, _validate, reference
-from ._common import grad_like, loss_like, scale_rows
+from ._common import light_call, grad_like, loss_like, scale_rows
 
 OP = "bmc_fast::task_masked_cross_entropy"
 
@@ -31,7 +31,7 @@ def task_masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, task_o
     if not _ext.use_kernel("task_masked_cross_entropy", logits):
         return reference.task_masked_cross_entropy(logits, labels, off, ln, reduction, ignore_index)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    return torch.ops.bmc_fast.task_masked_cross_entropy(
+    return _call(
         logits, labels, off, ln, reduction, int(ignore_index), compute_grad)[0]
 
 
@@ -57,3 +57,4 @@ def _task_masked_cross_entropy_backward(ctx, grad_loss, _grad_grad):
 
 # Registered by bmc_fast/ops/__init__.py (the module named by set_python_module in csrc/library.cpp).
 REGISTRATION = (OP, _task_masked_cross_entropy_fake, _task_masked_cross_entropy_backward, _task_masked_cross_entropy_setup_context)
+_call = light_call(REGISTRATION)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, _validate, reference
-from ._common import grad_like, loss_like, scale_rows
+from ._common import light_call, grad_like, loss_like, scale_rows
 
 OP = "bmc_fast::task_masked_kd_loss"
 
@@ -29,7 +29,7 @@ def task_masked_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tens
     if not _ext.use_kernel("task_masked_kd_loss", student_logits):
         return reference.task_masked_kd_loss(student_logits, teacher_logits, off, ln, temperature, reduction)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    return torch.ops.bmc_fast.task_masked_kd_loss(
+    return _call(
         student_logits, teacher_logits, off, ln, float(temperature), reduction, compute_grad)[0]
 
 
@@ -79,3 +79,4 @@ def _task_masked_kd_loss_backward(ctx, grad_loss, _grad_grad):
 
 # Registered by bmc_fast/ops/__init__.py (the module named by set_python_module in csrc/library.cpp).
 REGISTRATION = (OP, _task_masked_kd_loss_fake, _task_masked_kd_loss_backward, _task_masked_kd_loss_setup_context)
+_call = light_call(REGISTRATION)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, _validate, reference
-from ._common import acc_dtype, grad_like, loss_like, scale_rows
+from ._common import light_call, acc_dtype, grad_like, loss_like, scale_rows
 
 OP = "bmc_fast::weight_stability_loss"
 
@@ -31,7 +31,7 @@ def weight_stability_loss(expert_params: torch.Tensor, base_params: torch.Tensor
     if not _ext.use_kernel("weight_stability_loss", expert_params):
         return reference.weight_stability_loss(expert_params, base_params, importance, weights, reduction)
     compute_grad = torch.is_grad_enabled() and (expert_params.requires_grad or base_params.requires_grad)
-    return torch.ops.bmc_fast.weight_stability_loss(
+    return _call(
         expert_params, base_params, importance, weights, reduction, compute_grad)[0]
 
 
@@ -90,3 +90,4 @@ def _weight_stability_loss_backward(ctx, grad_loss, _grad_grad, _grad_per_expert
 
 # Registered by bmc_fast/ops/__init__.py (the module named by set_python_module in csrc/library.cpp).
 REGISTRATION = (OP, _weight_stability_loss_fake, _weight_stability_loss_backward, _weight_stability_loss_setup_context)
+_call = light_call(REGISTRATION)
