@@ -71,3 +71,30 @@ def test_cuda_graph_capture_reduce_overhead():
     for _ in range(3):
         out = fn(e, b)
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("mode", ["stacked", "streams", "sequential"])
+def test_cuda_trainer_modes(mode):
+    # The trainer on a GPU: the ResMLP trains through its modules there (bn_relu_dropout is CPU
+    # only), stacked through vmap or one CUDA stream per expert. Without dropout the three modes
+    # train experts whose buffers agree with the CPU's.
+    from bmc_fast import BMCConfig
+    from bmc_fast.data import demo_stream
+    from bmc_fast.experts import train_experts
+    from bmc_fast.models import ResMLP
+
+    stream = demo_stream()
+    out = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        base = ResMLP(stream.input_dim, stream.num_classes, dropout=0.0, fused=False)
+        cfg = BMCConfig(n_experts=2, parallel=mode if device == "cuda" else "sequential", epochs=1, batch_size=32,
+                        device=device, progress=False, lr=1e-3)
+        out[device] = train_experts(base, stream, [0, 1], cfg, seed=2)
+    for a, b in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(a.buffer.features, b.buffer.features, rtol=1e-3, atol=1e-3)
+    # bn_relu_dropout on CUDA tensors runs its reference
+    x = torch.randn(2, 8, 16, device="cuda")
+    w, b = torch.ones(2, 16, device="cuda"), torch.zeros(2, 16, device="cuda")
+    torch.testing.assert_close(bmc_fast.ops.bn_relu_dropout([x], [w], [b], p=0.2, seed=1).cpu(),
+                               bmc_fast.reference.bn_relu_dropout([x.cpu()], [w.cpu()], [b.cpu()], p=0.2, seed=1))
