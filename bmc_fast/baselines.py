@@ -20,15 +20,17 @@ def _train(model, x, y, off, ln, cfg, epochs, seed):
     torch.manual_seed(hash((seed, 12)) % (2**62))
     model.train()
     n = x.shape[0]
-    for _ in range(epochs):
-        for idx in torch.randperm(n, generator=g).split(cfg.batch_size):
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            logits, _ = model(x[idx].to(device))
-            loss = L.task_masked_cross_entropy(logits, y[idx].to(device), off[idx].to(device), ln[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    with backbone_mode(model, cfg):
+        for _ in range(epochs):
+            for idx in torch.randperm(n, generator=g).split(cfg.batch_size):
+                if len(idx) < 2:  # BatchNorm needs two samples
+                    continue
+                logits, _ = model(x[idx].to(device))
+                loss = L.task_masked_cross_entropy(logits, y[idx].to(device), off[idx].to(device),
+                                                   ln[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     model.eval()
 
 
