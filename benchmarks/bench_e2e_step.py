@@ -135,7 +135,8 @@ def _report(benchmark, machine, variants, med, floor=None):
                      f"| {'fused' if o.get('fused_optimizer', True) else 'default'} "
                      f"| {'per step' if o.get('base_feature_table_mb', 1) == 0 else 'table'} | {m['experts_s']:.2f} "
                      f"| {m['consolidation_s']:.2f} | {m['total_s']:.2f} | {base['total_s'] / m['total_s']:.2f} "
-                     f"({base['experts_s'] / m['experts_s']:.2f}, {base['consolidation_s'] / m['consolidation_s']:.2f}) |")
+                     f"({base['experts_s'] / m['experts_s']:.2f}, "
+                     f"{base['consolidation_s'] / m['consolidation_s']:.2f}) |")
     if floor is not None:
         lines.append(f"| matmul floor | | | | | | {floor['experts_s']:.2f} | {floor['consolidation_s']:.2f} "
                      f"| {floor['total_s']:.2f} | {base['total_s'] / floor['total_s']:.2f} "

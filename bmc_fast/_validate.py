@@ -243,7 +243,8 @@ def bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, p
     if bool(running_means) != bool(running_vars):
         raise ValueError("running_means and running_vars must be given together")
     for name, val, lo, hi, hi_open in (("momentum", momentum, 0.0, 1.0, False), ("p", p, 0.0, 1.0, True)):
-        if not isinstance(val, numbers.Real) or isinstance(val, bool) or not (lo <= val < hi if hi_open else lo <= val <= hi):
+        number = isinstance(val, numbers.Real) and not isinstance(val, bool)
+        if not (number and (lo <= val < hi if hi_open else lo <= val <= hi)):
             raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {val!r}")
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")

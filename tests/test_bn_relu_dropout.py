@@ -214,6 +214,8 @@ BAD = [
      r"weights\[0\] must have shape \[8\]"),
     (lambda a, w, b: bn_relu_dropout(a, [w[0][:, :3]], b), ValueError, r"weights\[0\]"),
     (lambda a, w, b: bn_relu_dropout(a, w, b, p=1.0), ValueError, "p must be"),
+    (lambda a, w, b: bn_relu_dropout(a, w, b, p="0.1"), ValueError, "p must be"),
+    (lambda a, w, b: bn_relu_dropout(a, w, b, momentum=None), ValueError, "momentum must be"),
     (lambda a, w, b: bn_relu_dropout(a, w, b, eps=0.0), ValueError, "eps must be"),
     (lambda a, w, b: bn_relu_dropout(a, w, b, momentum=2.0), ValueError, "momentum must be"),
     (lambda a, w, b: bn_relu_dropout(a, w, b, running_means=[torch.zeros(2, 8)]), ValueError, "running_vars"),
@@ -299,7 +301,8 @@ def test_resmlp_stacked_forward_matches_each_model():
         lg, h = m(x[i])
         torch.testing.assert_close(logits[i], lg, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(feats[i], h, rtol=1e-4, atol=1e-5)
-        g = dict(zip(dict(m.named_parameters()), torch.autograd.grad(lg.square().sum() + h.sum(), list(m.parameters()))))
+        gs = torch.autograd.grad(lg.square().sum() + h.sum(), list(m.parameters()))
+        g = dict(zip(dict(m.named_parameters()), gs))
         for name, gi in g.items():
             if not name.endswith(("fc1.bias", "fc2.bias", "short.bias")):
                 torch.testing.assert_close(grads[name][i], gi, rtol=1e-4, atol=1e-4, msg=name)
