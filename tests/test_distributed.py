@@ -74,8 +74,17 @@ def _write(tmp_path):
     return script
 
 
-def _spawn(argv_of_rank):
-    """Starts 2 ranks on loopback (argv_of_rank(rank) -> command line); returns [(rc, stdout, stderr)]."""
+def _spawn(argv_of_rank, tries=3):
+    """Starts 2 ranks on loopback (argv_of_rank(rank) -> command line); returns [(rc, stdout, stderr)].
+    Retried with another port when the free port was taken in between (a race of _free_port)."""
+    for _ in range(tries):
+        outs = _spawn_once(argv_of_rank)
+        if not any("ddress already in use" in e for _, _, e in outs):
+            break
+    return outs
+
+
+def _spawn_once(argv_of_rank):
     port = _free_port()
     procs = []
     for rank in range(2):
