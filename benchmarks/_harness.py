@@ -204,13 +204,21 @@ def run_case(benchmark, machine: Machine, op: str, shape: dict, dtype: torch.dty
     _check(calls["bmc_fast"](), out_e, dtype, "bmc_fast")
     _check(out_c, out_e, dtype, "compiled")
 
-    times = run_interleaved(calls, device, reps=30, min_time=max_seconds)
+    return time_and_record(benchmark, machine, op, ",".join(f"{k}={v}" for k, v in shape.items()), dtype, mode,
+                           calls, compile_s, bytes_min, min_time=max_seconds)
+
+
+def time_and_record(benchmark, machine: Machine, op: str, shape: str, dtype: torch.dtype, mode: str, calls: dict,
+                    compile_s: float, bytes_min: int, reps: int = 30, min_time: float = 8.0) -> dict:
+    """Times the checked providers ``calls`` ({"bmc_fast", "eager", "compiled"} -> no-argument
+    callable) round-robin, measures their peak memory and records one result row."""
+    device = machine.device
+    times = run_interleaved(calls, device, reps=reps, min_time=min_time)
     q = {p: quantiles(ts) for p, ts in times.items()}
     mem = {p: peak_memory(c, device) for p, c in calls.items()}
     t_b = q["bmc_fast"]["median"]
     row = record({
-        "op": op, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
-        "shape": ",".join(f"{k}={v}" for k, v in shape.items()),
+        "op": op, "mode": mode, "dtype": str(dtype).replace("torch.", ""), "shape": shape,
         "device": device, "device_name": machine.name, "threads": machine.threads,
         "contended": machine.contended,
         **{f"t_{p}_ms": q[p]["median"] * 1e3 for p in q},

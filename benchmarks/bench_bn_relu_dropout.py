@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from bmc_fast.ops import bn_relu_dropout
 import shapes
-from _harness import _call, _check, peak_memory, quantiles, record, run_interleaved
+from _harness import _call, _check, time_and_record
 
 SHAPES = [(1, 64, 256), (4, 64, 256), (16, 512, 256)] if not shapes.QUICK else [(2, 8, 16)]
 P = 0.3
@@ -60,26 +60,8 @@ def bench_bn_relu_dropout(benchmark, machine, k, b, c, mode):
     t0 = time.perf_counter()
     calls["compiled"]()
     compile_s = time.perf_counter() - t0
-    times = run_interleaved(calls, machine.device, reps=60, min_time=4.0)
-    q = {n: quantiles(ts) for n, ts in times.items()}
-    mem = {n: peak_memory(f, machine.device) for n, f in calls.items()}
-    t_b = q["bmc_fast"]["median"]
     # minimum traffic: read 2 inputs, write the output (+ backward: read the output gradient,
     # write the 2 input gradients); the [K, C] parameters are negligible
     nbytes = (3 if mode == "fwd" else 6) * k * b * c * 4
-    row = record({
-        "op": "bn_relu_dropout", "mode": mode, "dtype": "float32", "shape": f"K={k},B={b},C={c},p={P}",
-        "device": machine.device, "device_name": machine.name, "threads": machine.threads,
-        "contended": machine.contended,
-        **{f"t_{n}_ms": q[n]["median"] * 1e3 for n in q},
-        **{f"t_{n}_p20_ms": q[n]["p20"] * 1e3 for n in q},
-        **{f"t_{n}_p80_ms": q[n]["p80"] * 1e3 for n in q},
-        "reps": q["bmc_fast"]["n"],
-        "speedup_vs_eager": q["eager"]["median"] / t_b,
-        "speedup_vs_compile": q["compiled"]["median"] / t_b,
-        "compile_s": compile_s, "bytes_min": nbytes, "gbps": nbytes / t_b / 1e9,
-        "bw_fraction": nbytes / t_b / 1e9 / machine.copy_gbps,
-        **{f"mem_{n}_mb": (m / 2**20 if m is not None else None) for n, m in mem.items()},
-    })
-    benchmark.extra_info.update(row)
-    benchmark.pedantic(calls["bmc_fast"], rounds=3, iterations=1, warmup_rounds=0)
+    time_and_record(benchmark, machine, "bn_relu_dropout", f"K={k},B={b},C={c},p={P}", torch.float32, mode, calls,
+                    compile_s, nbytes, reps=60, min_time=4.0)
