@@ -84,28 +84,31 @@ def _backward_fake(grad_out, mask, xhats, invstds, weights, p):
             [xhats[0].new_empty(shape) for _ in xhats])
 
 
+def _grads(grad_out, saved, n, p, pre_needed):
+    """(grad inputs, grad weights, grad biases, grad pre_biases) from the saved (mask, *xhats,
+    *invstds, *weights) of a forward with n inputs. pre_biases cancel in the normalisation:
+    their gradient is exactly zero (so an optimizer still applies weight decay to them, as it
+    would after BatchNorm's autograd); they have the weights' shapes."""
+    mask, xhats, invstds, weights = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n]
+    gi, gw, gb = torch.ops.bmc_fast.bn_relu_dropout_backward.default(grad_out, mask, list(xhats), list(invstds),
+                                                                     list(weights), p)
+    return gi, gw, gb, [torch.zeros_like(w) if need else None for w, need in zip(weights, pre_needed)]
+
+
 def _setup_context(ctx, inputs, output):
     _, weights, _, pre_biases, _, p, _ = inputs
     _, mask, xhats, invstds, means, variances = output
-    ctx.p = p
-    ctx.n_pre = len(pre_biases)
+    ctx.p, ctx.n, ctx.n_pre = p, len(weights), len(pre_biases)
     ctx.mark_non_differentiable(mask, *xhats, *invstds, *means, *variances)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(mask, *xhats, *invstds, *weights, *pre_biases)
+    ctx.save_for_backward(mask, *xhats, *invstds, *weights)
 
 
 def _backward(ctx, grad_out, *_unused):
-    saved = ctx.saved_tensors
-    n = (len(saved) - 1 - ctx.n_pre) // 3
+    n = ctx.n
     if grad_out is None:  # only the statistics were used
         return [None] * n, [None] * n, [None] * n, [None] * ctx.n_pre, None, None, None
-    mask, xhats, invstds, weights = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n]
-    pre = saved[1 + 3 * n:]
-    gi, gw, gb = torch.ops.bmc_fast.bn_relu_dropout_backward(grad_out, mask, list(xhats), list(invstds),
-                                                             list(weights), ctx.p)
-    # pre_biases cancel in the normalisation: their gradient is exactly zero (so an optimizer
-    # still applies weight decay to them, as it would after BatchNorm's autograd).
-    g_pre = [torch.zeros_like(t) for t in pre]
+    gi, gw, gb, g_pre = _grads(grad_out, ctx.saved_tensors, n, ctx.p, [True] * ctx.n_pre)
     return gi, gw, gb, g_pre, None, None, None
 
 
@@ -133,14 +136,11 @@ class _BnReluDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):
-        n, s = ctx.n, ctx.saved_tensors
+        n = ctx.n
         if grad_out is None:
-            return (None,) * (4 + 4 * n)
-        gi, gw, gb = torch.ops.bmc_fast.bn_relu_dropout_backward.default(
-            grad_out, s[0], list(s[1:1 + n]), list(s[1 + n:1 + 2 * n]), list(s[1 + 2 * n:]), ctx.p)
-        n_pre = len(ctx.needs_input_grad) - 4 - 3 * n  # n, or 0 without pre_biases
-        g_pre = [torch.zeros_like(s[1 + 2 * n + i]) if ctx.needs_input_grad[4 + 3 * n + i] else None
-                 for i in range(n_pre)]
+            return (None,) * len(ctx.needs_input_grad)
+        # the pre_biases' flags: n of them, or none when the forward had no pre_biases
+        gi, gw, gb, g_pre = _grads(grad_out, ctx.saved_tensors, n, ctx.p, ctx.needs_input_grad[4 + 3 * n:])
         return (None, None, None, None, *gi, *gw, *gb, *g_pre)
 
 
