@@ -43,15 +43,14 @@ def _run(args) -> int:
         return 2
     load = (lambda: load_features(args.features)) if args.features else (lambda: demo_stream(seed=args.seed))
     if args.distributed:
-        from .distributed import DistributedError, init_from_env, load_on_every_rank, shutdown
+        from .distributed import DistributedError, exit_after_failure, init_from_env, load_on_every_rank
 
         try:
             init_from_env(timeout_s=args.timeout)
             stream = load_on_every_rank(load)
         except DistributedError as exc:
             print(f"bmc-fast: {exc}", file=sys.stderr)
-            shutdown()
-            return 3
+            exit_after_failure(3)
     else:
         stream = load()
     out = args.out
@@ -72,7 +71,7 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     bmc = BMC(cfg)
     if args.distributed:
-        from .distributed import DistributedError, fit_distributed, shutdown
+        from .distributed import DistributedError, exit_after_failure, fit_distributed, shutdown
 
         rank = int(os.environ.get("RANK", "0"))
         try:
@@ -80,8 +79,7 @@ def _run(args) -> int:
                                   events=emit if rank == 0 else None)
         except DistributedError as exc:
             print(f"bmc-fast: {exc}", file=sys.stderr)
-            shutdown()
-            return 3
+            exit_after_failure(3)
         shutdown()
         if rank != 0:
             return 0

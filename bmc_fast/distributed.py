@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 import time
 
 import torch
@@ -23,7 +24,7 @@ from .experts import _gen, train_experts
 from .memory import Memory
 from .metrics import Result
 
-__all__ = ["fit_distributed", "init_from_env", "shutdown", "load_on_every_rank"]
+__all__ = ["fit_distributed", "init_from_env", "shutdown", "load_on_every_rank", "exit_after_failure"]
 
 
 class DistributedError(RuntimeError):
@@ -53,6 +54,17 @@ def shutdown() -> None:
             dist.destroy_process_group()
         except Exception:  # a peer may already be gone
             pass
+
+
+def exit_after_failure(code: int) -> None:
+    """Leaves the process with ``code`` after a :class:`DistributedError`: flushes stdout/stderr
+    and exits without the interpreter's teardown. A gloo process group whose peer died can still
+    own threads, and destroying them at normal exit aborts the process ("terminate called without
+    an active exception", exit -6) after the error was reported; seen in CI."""
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _collective(phase: str, fn, *args, **kwargs):

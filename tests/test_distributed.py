@@ -55,8 +55,7 @@ try:
     res = fit_distributed(BMC(cfg, model_fn=MLP), demo_stream(), checkpoint_dir=ckpt, resume=ckpt is not None)
 except Exception as exc:
     print(f"ERROR {{type(exc).__name__}}: {{exc}}", flush=True)
-    D.shutdown()
-    sys.exit(5)
+    D.exit_after_failure(5)
 if rank == 0:
     res.save(out)
 """
