@@ -10,6 +10,7 @@ with checkpoints on, rerunning the same command resumes from the last completed 
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -41,6 +42,11 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
         try:
             dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
                                     timeout=datetime.timedelta(seconds=timeout_s))
+            # A process group still alive at interpreter finalisation can abort the process
+            # (gloo's worker threads hold tensors whose release needs the GIL: SIGABRT, "terminate
+            # called without an active exception", seen in CI after a successful run). atexit runs
+            # while the interpreter is still whole; a no-op when shutdown() was already called.
+            atexit.register(shutdown)
         except Exception as exc:
             raise DistributedError(f"distributed BMC: phase 'rendezvous' failed on rank {os.environ['RANK']}: not "
                                    f"every rank joined within {timeout_s:.0f} s ({exc})") from exc

@@ -58,6 +58,7 @@ except Exception as exc:
     D.exit_after_failure(5)
 if rank == 0:
     res.save(out)
+D.shutdown()
 """
 
 
