@@ -248,3 +248,71 @@ def bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, p
             raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {val!r}")
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+def resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p, seeds):
+    """A ResMLP's tensors for resmlp(): x [B, I] (weights [O, I]) or [K, B, I] (weights [K, O, I]);
+    proj, (fc1, fc2, short) per block, head; widths chained; returns the number of blocks."""
+    x = floating(x, "x")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must have shape [B, I] or [K, B, I], got {list(x.shape)}")
+    if x.shape[-2] < 2:
+        raise ValueError(f"x must have at least 2 rows per model (batch statistics), got shape {list(x.shape)}")
+    if not isinstance(weights, (list, tuple)) or len(weights) < 5 or (len(weights) - 2) % 3:
+        raise ValueError("weights must be a list of proj, (fc1, fc2, short) per block and head: 2 + 3 * blocks "
+                         f"tensors, got {len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__}")
+    nb = (len(weights) - 2) // 3
+    models = tuple(x.shape[:-2])  # (K,) stacked, () one model
+
+    def param(t, name, want):
+        floating(t, name)
+        same_dtype(t, x, name, "x")
+        same_device(t, x, name, "x")
+        shape(t, models + tuple(want), name)
+
+    for name, lst, n in (("biases", biases, len(weights)), ("bn_weights", bn_weights, 3 * nb),
+                         ("bn_biases", bn_biases, 3 * nb), ("running_means", running_means, 3 * nb),
+                         ("running_vars", running_vars, 3 * nb)):
+        if name.startswith("running") and not lst:
+            continue
+        if not isinstance(lst, (list, tuple)) or len(lst) != n:
+            raise ValueError(f"{name} must be a list of {n} tensors, got "
+                             f"{len(lst) if isinstance(lst, (list, tuple)) else type(lst).__name__}")
+    if bool(running_means) != bool(running_vars):
+        raise ValueError("running_means and running_vars must be given together")
+    if not isinstance(weights[0], torch.Tensor) or weights[0].dim() != x.dim():
+        raise ValueError(f"weights[0] must have {x.dim()} dimensions like x {list(x.shape)}, got "
+                         f"{list(weights[0].shape) if isinstance(weights[0], torch.Tensor) else type(weights[0]).__name__}")
+    width = weights[0].shape[-2]
+    param(weights[0], "weights[0]", (width, x.shape[-1]))
+    param(biases[0], "biases[0]", (width,))
+    for b in range(nb):
+        i = 1 + 3 * b
+        w = weights[i].shape[-2] if isinstance(weights[i], torch.Tensor) and weights[i].dim() >= 2 else -1
+        for j, want in enumerate(((w, width), (w, w), (w, width))):
+            param(weights[i + j], f"weights[{i + j}]", want)
+            param(biases[i + j], f"biases[{i + j}]", (w,))
+            for name, lst in (("bn_weights", bn_weights), ("bn_biases", bn_biases), ("running_means", running_means),
+                              ("running_vars", running_vars)):
+                if lst:
+                    param(lst[3 * b + j], f"{name}[{3 * b + j}]", (w,))
+        width = w
+    last = len(weights) - 1
+    c = weights[last].shape[-2] if isinstance(weights[last], torch.Tensor) and weights[last].dim() >= 2 else -1
+    param(weights[last], f"weights[{last}]", (c, width))
+    param(biases[last], f"biases[{last}]", (c,))
+    number = isinstance(momentum, numbers.Real) and not isinstance(momentum, bool)
+    if not (number and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if p is not None:
+        if not isinstance(p, (list, tuple)) or len(p) != nb:
+            raise ValueError(f"p must be a list of {nb} dropout probabilities (one per block), got {p!r}")
+        for v in p:
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0.0 <= v < 1.0):
+                raise ValueError(f"p must hold numbers in [0, 1), got {p!r}")
+    if seeds is not None and (not isinstance(seeds, (list, tuple)) or len(seeds) != nb
+                              or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds)):
+        raise ValueError(f"seeds must be a list of {nb} integers (one per block), got {seeds!r}")
+    return nb

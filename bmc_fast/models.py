@@ -1,11 +1,12 @@
 """Backbones. A model maps ``x -> (logits [N, C], features [N, D])``; the features are the
 penultimate activations used by the feature-mode stability and distillation losses.
 
-The default :class:`ResMLP` trains through a fused path on the CPU (``fused=True``): each
-residual block is three matmuls and two calls of the ``bn_relu_dropout`` kernel (BatchNorm with
-batch statistics, the residual sum, ReLU and dropout in one pass; backward in two), instead of
-some twenty small eager ops and their autograd nodes. :func:`resmlp_forward` runs the same path
-over K stacked models ``[K, B, ...]`` for the parallel experts. Eval mode, other devices and
+The default :class:`ResMLP` trains through a fused path on the CPU (``fused=True``): the whole
+training-mode forward is one ``resmlp`` op call and one autograd node (its backward one more
+call): per residual block three matmuls and two passes of the ``bn_relu_dropout`` kernel
+(BatchNorm with batch statistics, the residual sum, ReLU and dropout), instead of some twenty
+small eager ops and their autograd nodes. :func:`resmlp_forward` runs the same path over K
+stacked models ``[K, B, ...]`` for the parallel experts. Eval mode, other devices and
 dtypes, autocast, ``torch.compile`` and ``vmap`` use the plain modules.
 """
 from __future__ import annotations
@@ -88,38 +89,8 @@ def fused_path_available(model: nn.Module, x: torch.Tensor) -> bool:
                for bn in bns)
 
 
-class _StackedLinear(torch.autograd.Function):
-    """``x [K, B, I] @ w[K, O, I]^T (+ b [K, O])`` with the backward of nn.Linear: the weight
-    gradient comes out as ``[K, O, I]`` contiguous (autograd of ``bmm(x, w.transpose(1, 2))``
-    would give a transposed view that the optimizer's gradient accumulation copies)."""
-
-    @staticmethod
-    def forward(x, w, b):
-        wt = w.transpose(1, 2)
-        return torch.bmm(x, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x, wt)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b = inputs
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
-        gw = torch.bmm(g.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
-        gb = g.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
-
-
-def _mm(x, w, b=None):  # x [K, B, I] @ w[K, O, I]^T (+ b [K, O]) -> [K, B, O]; unstacked: x [B, I], w [O, I]
-    if w.dim() == 2:
-        return torch.nn.functional.linear(x, w, b)
-    return _StackedLinear.apply(x, w, b)
-
-
 _LAYERS = ("fc1", "bn1", "fc2", "bn2", "short", "bn_s")
+_BLOCKS = ("block1", "block2")
 
 
 def _module_tensors(model: ResMLP):
@@ -140,35 +111,31 @@ def _module_tensors(model: ResMLP):
 
 
 def resmlp_forward(model: ResMLP, params: dict, buffers: dict, x: torch.Tensor):
-    """Training-mode forward of a ResMLP through the fused kernels. Stacked: ``params`` and
-    ``buffers`` map the names of ``model.named_parameters()`` / ``named_buffers()`` to tensors
-    stacked over K (as :func:`torch.func.stack_module_state` makes them) and ``x`` is
-    ``[K, B, ...]``; returns ``(logits [K, B, C], features [K, B, F])``. Unstacked (one model's own
-    tensors, ``x`` ``[B, ...]``): ``(logits [B, C], features [B, F])``. Updates the BatchNorm
-    buffers in place, as the modules would. ``model`` only supplies the hyper-parameters (it may
-    be on "meta")."""
-    from .ops.bn_relu_dropout import bn_relu_dropout_unchecked as bn_act, new_seed
+    """Training-mode forward of a ResMLP through the fused ``resmlp`` op (one autograd node).
+    Stacked: ``params`` and ``buffers`` map the names of ``model.named_parameters()`` /
+    ``named_buffers()`` to tensors stacked over K (as :func:`torch.func.stack_module_state` makes
+    them) and ``x`` is ``[K, B, ...]``; returns ``(logits [K, B, C], features [K, B, F])``.
+    Unstacked (one model's own tensors, ``x`` ``[B, ...]``): ``(logits [B, C], features [B, F])``.
+    Updates the BatchNorm buffers in place, as the modules would. ``model`` only supplies the
+    hyper-parameters (it may be on "meta")."""
+    from .ops.bn_relu_dropout import new_seed
+    from .ops.resmlp import resmlp_unchecked
 
-    if params["proj.weight"].dim() == 3:
-        h = _mm(x.reshape(x.shape[0], x.shape[1], -1), params["proj.weight"], params["proj.bias"])
-    else:
-        h = _mm(x.flatten(1), params["proj.weight"], params["proj.bias"])
+    x = x.reshape(x.shape[0], x.shape[1], -1) if params["proj.weight"].dim() == 3 else x.flatten(1)
     bn0 = model.block1.bn1
-    eps = float(bn0.eps)
     if bn0.momentum is None:  # cumulative moving average, as BatchNorm: 1 / batches seen
         momentum = 1.0 / (float(buffers["block1.bn1.num_batches_tracked"].reshape(-1)[0]) + 1)
     else:
         momentum = float(bn0.momentum)
-    for name in ("block1", "block2"):
-        p = {layer: (params[f"{name}.{layer}.weight"], params[f"{name}.{layer}.bias"]) for layer in _LAYERS}
-        s = {layer: (buffers[f"{name}.{layer}.running_mean"], buffers[f"{name}.{layer}.running_var"])
-             for layer in ("bn1", "bn2", "bn_s")}
-        r = bn_act([_mm(h, p["fc1"][0])], [p["bn1"][0]], [p["bn1"][1]], [s["bn1"][0]], [s["bn1"][1]], [p["fc1"][1]],
-                   momentum, eps, 0.0, 0)
-        drop = float(getattr(model, name).drop.p)
-        h = bn_act([_mm(r, p["fc2"][0]), _mm(h, p["short"][0])], [p["bn2"][0], p["bn_s"][0]],
-                   [p["bn2"][1], p["bn_s"][1]], [s["bn2"][0], s["bn_s"][0]], [s["bn2"][1], s["bn_s"][1]],
-                   [p["fc2"][1], p["short"][1]], momentum, eps, drop, new_seed() if drop > 0 else 0)
-        with torch.no_grad():
-            torch._foreach_add_([buffers[f"{name}.{layer}.num_batches_tracked"] for layer in ("bn1", "bn2", "bn_s")], 1)
-    return _mm(h, params["head.weight"], params["head.bias"]), h
+    lin = [f"{b}.{layer}" for b in _BLOCKS for layer in ("fc1", "fc2", "short")]
+    bns = [f"{b}.{layer}" for b in _BLOCKS for layer in ("bn1", "bn2", "bn_s")]
+    lin = ["proj"] + lin + ["head"]
+    p = [float(getattr(model, b).drop.p) for b in _BLOCKS]
+    seeds = [new_seed() if v > 0 else 0 for v in p]
+    logits, h = resmlp_unchecked(x, [params[n + ".weight"] for n in lin], [params[n + ".bias"] for n in lin],
+                                 [params[n + ".weight"] for n in bns], [params[n + ".bias"] for n in bns],
+                                 [buffers[n + ".running_mean"] for n in bns], [buffers[n + ".running_var"] for n in bns],
+                                 momentum, float(bn0.eps), p, seeds)
+    with torch.no_grad():
+        torch._foreach_add_([buffers[n + ".num_batches_tracked"] for n in bns], 1)
+    return logits, h

@@ -21,6 +21,7 @@ __all__ = [
     "masked_log_softmax",
     "bn_relu_dropout",
     "dropout_keep_mask",
+    "resmlp",
 ]
 
 
@@ -185,3 +186,28 @@ def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=No
     keep = dropout_keep_mask(int(seed), out.shape, p, out.device)
     out = out * (keep.to(acc) / (1 - p))
     return out.to(inputs[0].dtype)
+
+
+def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, running_vars=None, momentum=0.1, eps=1e-5,
+           p=None, seeds=None):
+    """Training-mode ResMLP forward from Linear layers and :func:`bn_relu_dropout` (see
+    :func:`bmc_fast.ops.resmlp`); seeds default to 0 (no dropout mask is drawn here)."""
+    nb = v.resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p,
+                       seeds)
+    p = list(p) if p is not None else [0.0] * nb
+    seeds = list(seeds) if seeds is not None else [0] * nb
+
+    def linear(h, w, b=None):
+        out = h @ w.transpose(-1, -2)
+        return out if b is None else out + b.unsqueeze(-2)
+
+    h = linear(x, weights[0], biases[0])
+    for b in range(nb):
+        i, j = 1 + 3 * b, 3 * b
+        stats = lambda *k: ([running_means[j + n] for n in k] if running_means else None,  # noqa: E731
+                            [running_vars[j + n] for n in k] if running_vars else None)
+        r = bn_relu_dropout([linear(h, weights[i])], [bn_weights[j]], [bn_biases[j]], *stats(0), [biases[i]],
+                            momentum, eps, 0.0, 0)
+        h = bn_relu_dropout([linear(r, weights[i + 1]), linear(h, weights[i + 2])], bn_weights[j + 1:j + 3],
+                            bn_biases[j + 1:j + 3], *stats(1, 2), biases[i + 1:i + 3], momentum, eps, p[b], seeds[b])
+    return linear(h, weights[-1], biases[-1]), h

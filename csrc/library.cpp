@@ -81,4 +81,25 @@ TORCH_LIBRARY(bmc_fast, m) {
   m.def(
       "bn_relu_dropout_backward(Tensor grad_out, Tensor mask, Tensor[] xhats, Tensor[] invstds, "
       "Tensor[] weights, float p) -> (Tensor[] grad_inputs, Tensor[] grad_weights, Tensor[] grad_biases)");
+
+  // The training-mode forward of a (stacked) ResMLP (bmc_fast/models.py) in one call: x [B, I]
+  // with weights [O, I], or K stacked models: x [K, B, I] with weights [K, O, I] (biases and
+  // per-channel tensors [O] / [K, O]). weights and biases: proj, (fc1, fc2, short) per block,
+  // head; bn_weights, bn_biases: (bn1, bn2, bn_s) per block; p and seeds: one per block (the
+  // dropout after the block, as bn_relu_dropout). Returns the logits, the features (the last
+  // block's output), the tensors the backward needs, and per BatchNorm (bn1, bn2, bn_s per block)
+  // the batch means (+ the Linear bias) and unbiased variances to blend into the running
+  // statistics; the op itself is functional.
+  m.def(
+      "resmlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] bn_weights, Tensor[] bn_biases, "
+      "float eps, float[] p, int[] seeds) -> (Tensor logits, Tensor features, Tensor[] saved, Tensor[] means, "
+      "Tensor[] vars)");
+
+  // Gradients of resmlp_forward's logits and features (either may be None) with respect to
+  // weights, biases (the Linear biases before a BatchNorm get exact zeros), bn_weights,
+  // bn_biases and, with compute_input_grad, x (else grad_x is empty).
+  m.def(
+      "resmlp_backward(Tensor? grad_logits, Tensor? grad_features, Tensor x, Tensor features, Tensor[] weights, "
+      "Tensor[] bn_weights, Tensor[] saved, float[] p, bool compute_input_grad) -> (Tensor[] grad_weights, "
+      "Tensor[] grad_biases, Tensor[] grad_bn_weights, Tensor[] grad_bn_biases, Tensor grad_x)");
 }

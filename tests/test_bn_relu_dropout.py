@@ -1,14 +1,11 @@
-"""bn_relu_dropout (the fused BatchNorm + ReLU + dropout of the ResMLP) and the fused ResMLP
-training path built on it: values, gradients, running statistics, dropout masks, opcheck, errors."""
-import copy
+"""bn_relu_dropout (the fused BatchNorm + ReLU + dropout of the ResMLP): values, gradients,
+running statistics, dropout masks, opcheck, errors. The ResMLP built on it: tests/test_resmlp.py."""
 import math
 
 import pytest
 import torch
-from torch.func import stack_module_state
 
 from bmc_fast import reference
-from bmc_fast.models import ResMLP, fused_path_available, resmlp_forward
 from bmc_fast.ops import bn_relu_dropout
 from conftest import TOL
 
@@ -236,89 +233,3 @@ def test_bad_arguments(case):
     inputs, weights, biases, _, _, _ = make(2, 4, 8, 1, torch.float32, running=False, pre=False)
     with pytest.raises(exc, match=match):
         fn(inputs, weights, biases)
-
-
-# ---- the fused ResMLP ---------------------------------------------------------------------------
-
-def _pair(dropout=0.0, d=24, c=7, dtype=torch.float32):
-    torch.manual_seed(3)
-    fused = ResMLP(d, c, hidden=16, width=40, dropout=dropout).to(dtype).train()
-    eager = copy.deepcopy(fused)
-    eager.fused = False
-    return fused, eager
-
-
-@pytest.mark.parametrize("dtype", FUSED_DTYPES)
-def test_resmlp_fused_matches_module(dtype):
-    fused, eager = _pair(dtype=dtype)
-    x = torch.randn(33, 24, dtype=dtype)
-    assert fused_path_available(fused, x)
-    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
-    for _ in range(3):  # several steps: running statistics accumulate
-        (lf, hf), (le, he) = fused(x), eager(x)
-        torch.testing.assert_close(lf, le, **tol)
-        torch.testing.assert_close(hf, he, **tol)
-        g = torch.randn_like(lf)
-        gf = torch.autograd.grad((lf * g).sum() + hf.square().sum(), list(fused.parameters()))
-        ge = torch.autograd.grad((le * g).sum() + he.square().sum(), list(eager.parameters()))
-        for (name, _), a, b in zip(fused.named_parameters(), gf, ge):
-            if name.endswith(("fc1.bias", "fc2.bias", "short.bias")):  # before a BN: 0 vs rounding noise
-                assert torch.equal(a, torch.zeros_like(a)) and b.abs().max() < 1e-3
-            elif name == "proj.bias":  # every path from it ends in a BN too: both are rounding noise
-                assert a.abs().max() < 1e-3 and b.abs().max() < 1e-3
-            else:  # atol relative to the gradient's scale (sums over 33 rows of O(100) terms)
-                scale = 1e-6 if dtype == torch.float32 else 1e-12
-                torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] + scale * b.abs().max().item(),
-                                           msg=name)
-    for (name, a), (_, b) in zip(fused.named_buffers(), eager.named_buffers()):
-        torch.testing.assert_close(a, b, **tol, msg=name)
-    fused.eval(), eager.eval()
-    torch.testing.assert_close(fused(x)[0], eager(x)[0], **tol)
-
-
-def test_resmlp_fused_dropout_is_unbiased():
-    fused, eager = _pair(dropout=0.5)
-    x = torch.randn(64, 24)
-    with torch.no_grad():
-        a, b, b2 = (torch.stack([m(x)[1] for _ in range(200)]).mean(0) for m in (fused, eager, eager))
-    # The masks differ (torch's bernoulli vs the hash) but the averages agree: the fused estimate
-    # is as far from the eager one as two eager estimates are from each other (sampling noise).
-    assert (a - b).abs().mean() < 1.25 * (b - b2).abs().mean()
-    assert (fused(x)[1] == 0).float().mean() > 0.5  # ReLU zeros + dropped half
-
-
-def test_resmlp_stacked_forward_matches_each_model():
-    torch.manual_seed(1)
-    members = [ResMLP(20, 5, hidden=8, width=16, dropout=0.0).train() for _ in range(3)]
-    params, buffers = stack_module_state([copy.deepcopy(m) for m in members])
-    params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-    x = torch.randn(3, 10, 20)
-    logits, feats = resmlp_forward(members[0], params, buffers, x)
-    loss = logits.square().sum() + feats.sum()
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
-    for i, m in enumerate(members):
-        m.fused = False
-        lg, h = m(x[i])
-        torch.testing.assert_close(logits[i], lg, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(feats[i], h, rtol=1e-4, atol=1e-5)
-        gs = torch.autograd.grad(lg.square().sum() + h.sum(), list(m.parameters()))
-        g = dict(zip(dict(m.named_parameters()), gs))
-        for name, gi in g.items():
-            if not name.endswith(("fc1.bias", "fc2.bias", "short.bias")):
-                torch.testing.assert_close(grads[name][i], gi, rtol=1e-4, atol=1e-4, msg=name)
-        for name, b in m.named_buffers():
-            torch.testing.assert_close(buffers[name][i].to(b.dtype), b, rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_resmlp_falls_back_to_modules():
-    fused, eager = _pair()
-    x = torch.randn(8, 24)
-    assert not fused_path_available(fused, x.to(torch.bfloat16))
-    assert not fused_path_available(fused, x[:1])          # one row: BatchNorm's own error applies
-    assert not fused_path_available(eager.head, x)         # not a ResMLP
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fused_path_available(fused, x)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-        fused(x[:1])
-    fused.eval()
-    torch.testing.assert_close(fused(x)[0], eager.eval()(x)[0])

@@ -9,6 +9,7 @@ from .. import _ext
 from . import (
     batched_distillation_loss as _bdl,
     bn_relu_dropout as _bn,
+    resmlp as _mlp,
     stability_loss as _sl,
     task_masked_cross_entropy as _ce,
     task_masked_kd_loss as _kd,
@@ -16,16 +17,18 @@ from . import (
 )
 from .batched_distillation_loss import batched_distillation_loss
 from .bn_relu_dropout import bn_relu_dropout
+from .resmlp import resmlp
 from .stability_loss import stability_loss
 from .task_masked_cross_entropy import task_masked_cross_entropy
 from .task_masked_kd_loss import task_masked_kd_loss
 from .weight_stability_loss import weight_stability_loss
 
 if _ext.HAVE_EXTENSION:
-    for _op, _fake, _backward, _setup in (m.REGISTRATION for m in (_sl, _wsl, _bdl, _ce, _kd, _bn)):
+    for _op, _fake, _backward, _setup in (m.REGISTRATION for m in (_sl, _wsl, _bdl, _ce, _kd, _bn, _mlp)):
         torch.library.register_fake(_op)(_fake)
         torch.library.register_autograd(_op, _backward, setup_context=_setup)
-    torch.library.register_fake(_bn.BACKWARD_FAKE[0])(_bn.BACKWARD_FAKE[1])
+    for _op, _fake in (_bn.BACKWARD_FAKE, _mlp.BACKWARD_FAKE):
+        torch.library.register_fake(_op)(_fake)
 
 __all__ = [
     "stability_loss",
@@ -34,4 +37,5 @@ __all__ = [
     "task_masked_cross_entropy",
     "task_masked_kd_loss",
     "bn_relu_dropout",
+    "resmlp",
 ]

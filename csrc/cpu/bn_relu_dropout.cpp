@@ -22,6 +22,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "bn_relu_dropout.h"
 #include "host_utils.h"
 #endif
 

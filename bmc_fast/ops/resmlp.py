@@ -1,0 +1,150 @@
+"""resmlp: the training-mode forward and backward of a (stacked) ResMLP in one op call each.
+
+The fused ResMLP (bmc_fast/models.py) trains through it: one autograd node per model (or per K
+stacked models) instead of ~25 ops and a dozen nodes, whose Python and autograd-engine overhead
+was as large as the math at the trainer's batch size (64 rows)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext, _validate, reference
+from .bn_relu_dropout import new_seed
+
+OP = "bmc_fast::resmlp_forward"
+BACKWARD_OP = "bmc_fast::resmlp_backward"
+
+
+def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, running_vars=None, momentum: float = 0.1,
+           eps: float = 1e-5, p=None, seeds=None):
+    r"""Training-mode forward of a ResMLP (BMC-SPEC §2; :class:`bmc_fast.models.ResMLP`):
+    ``h = x Wp^T + bp``, then per residual block
+    ``h = drop(relu(BN2(fc2(relu(BN1(fc1(h))))) + BNs(short(h))))``, then ``logits = h Wh^T + bh``.
+    BatchNorm uses the batch statistics (training mode).
+
+    Args:
+        x: ``[B, I]`` (one model, weights ``[O, I]``, per-channel tensors ``[O]``) or ``[K, B, I]``
+            (K stacked models, weights ``[K, O, I]``, per-channel tensors ``[K, O]``); B >= 2.
+            float32/float64; the fused kernels run on the CPU, other devices run the reference.
+        weights, biases: the Linear layers: proj, then fc1, fc2, short of each block, then head
+            (2 + 3 * blocks tensors each).
+        bn_weights, bn_biases: the BatchNorm affine parameters: bn1, bn2, bn_s of each block.
+        running_means, running_vars: the BatchNorm running statistics in the same order, updated
+            in place with ``momentum`` (unbiased variance, as BatchNorm); None to skip.
+        p: the dropout probability after each block (a sequence, one per block; default 0).
+        seeds: one dropout seed per block (the mask is a hash of (seed, element index), see
+            :func:`bmc_fast.ops.bn_relu_dropout`); None draws them from torch's default generator
+            for the blocks with ``p > 0``.
+
+    Returns ``(logits, features)``, differentiable in x and every parameter (first order). The
+    Linear biases before a BatchNorm cancel in it and get exact zero gradients.
+    """
+    nb = _validate.resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps,
+                               p, seeds)
+    p = [float(v) for v in p] if p is not None else [0.0] * nb
+    seeds = [int(s) for s in seeds] if seeds is not None else [new_seed() if v > 0 else 0 for v in p]
+    running_means, running_vars = list(running_means or []), list(running_vars or [])
+    if (x.dtype not in (torch.float32, torch.float64) or x.device.type not in ("cpu", "meta")
+            or not _ext.use_kernel("resmlp", x)):
+        return reference.resmlp(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps,
+                                p, seeds)
+    if not torch.compiler.is_compiling():
+        return resmlp_unchecked(x, list(weights), list(biases), list(bn_weights), list(bn_biases), running_means,
+                                running_vars, float(momentum), float(eps), p, seeds)
+    logits, features, _, means, variances = torch.ops.bmc_fast.resmlp_forward(
+        x, list(weights), list(biases), list(bn_weights), list(bn_biases), float(eps), p, seeds)
+    if running_means:
+        with torch.no_grad():
+            torch._foreach_lerp_(running_means + running_vars, list(means) + list(variances), float(momentum))
+    return logits, features
+
+
+def _saved_like(x, weights):
+    """Fake tensors of resmlp_forward's saved list (layout: csrc/cpu/resmlp.cpp)."""
+    lead, models = tuple(x.shape[:-1]), tuple(x.shape[:-2])  # (K, B) / (B,) and (K,) / ()
+    saved = []
+    d_in = weights[0].shape[-2]
+    for b in range((len(weights) - 2) // 3):
+        w = weights[1 + 3 * b].shape[-2]
+        act = lambda: x.new_empty(lead + (w,))  # noqa: E731
+        mask = lambda: x.new_empty(lead + (w,), dtype=torch.uint8)  # noqa: E731
+        stat = lambda: x.new_empty(models + (w,))  # noqa: E731
+        saved += [x.new_empty(lead + (d_in,)), mask(), act(), stat(), act(), mask(), act(), act(), stat(), stat()]
+        d_in = w
+    return saved
+
+
+def _fake(x, weights, biases, bn_weights, bn_biases, eps, p, seeds):
+    lead = tuple(x.shape[:-1])
+    return (x.new_empty(lead + (weights[-1].shape[-2],)), x.new_empty(lead + (weights[-1].shape[-1],)),
+            _saved_like(x, weights), [torch.empty_like(w) for w in bn_weights], [torch.empty_like(w) for w in bn_weights])
+
+
+def _backward_fake(grad_logits, grad_features, x, features, weights, bn_weights, saved, p, compute_input_grad):
+    return ([torch.empty_like(w) for w in weights], [w.new_empty(w.shape[:-1]) for w in weights],
+            [torch.empty_like(w) for w in bn_weights], [torch.empty_like(w) for w in bn_weights],
+            torch.empty_like(x) if compute_input_grad else x.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, _, bn_weights, _, _, p, _ = inputs
+    _, features, saved, means, variances = output
+    ctx.p, ctx.nw, ctx.nbn = list(p), len(weights), len(bn_weights)
+    ctx.mark_non_differentiable(*saved, *means, *variances)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, features, *weights, *bn_weights, *saved)
+
+
+def _grads(ctx, grad_logits, grad_features, input_grad: bool):
+    t = ctx.saved_tensors
+    x, features = t[0], t[1]
+    weights, bn_weights, saved = t[2:2 + ctx.nw], t[2 + ctx.nw:2 + ctx.nw + ctx.nbn], t[2 + ctx.nw + ctx.nbn:]
+    return torch.ops.bmc_fast.resmlp_backward.default(grad_logits, grad_features, x, features, list(weights),
+                                                      list(bn_weights), list(saved), ctx.p, input_grad)
+
+
+def _backward(ctx, grad_logits, grad_features, *_unused):
+    if grad_logits is None and grad_features is None:
+        return None, None, None, None, None, None, None, None
+    gw, gb, gbw, gbb, gx = _grads(ctx, grad_logits, grad_features, ctx.needs_input_grad[0])
+    return gx if ctx.needs_input_grad[0] else None, gw, gb, gbw, gbb, None, None, None
+
+
+# Registered by bmc_fast/ops/__init__.py. The backward op has no autograd of its own (first order).
+REGISTRATION = (OP, _fake, _backward, _setup_context)
+BACKWARD_FAKE = (BACKWARD_OP, _backward_fake)
+
+
+class _ResMLP(torch.autograd.Function):
+    """The op under a plain autograd.Function (eager mode): the tensor lists flattened into
+    arguments so autograd sees every parameter, without torch.library's generic wrapper."""
+
+    @staticmethod
+    def forward(ctx, nw, nbn, eps, p, seeds, x, *tensors):
+        weights, biases = list(tensors[:nw]), list(tensors[nw:2 * nw])
+        bn_weights, bn_biases = list(tensors[2 * nw:2 * nw + nbn]), list(tensors[2 * nw + nbn:])
+        with torch._C._AutoDispatchBelowAutograd():
+            logits, features, saved, means, variances = torch.ops.bmc_fast.resmlp_forward.default(
+                x, weights, biases, bn_weights, bn_biases, eps, p, seeds)
+        ctx.p, ctx.nw, ctx.nbn = p, nw, nbn
+        ctx.save_for_backward(x, features, *weights, *bn_weights, *saved)
+        ctx.mark_non_differentiable(*means, *variances)
+        ctx.set_materialize_grads(False)
+        return (logits, features, *means, *variances)
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_features, *_unused):
+        if grad_logits is None and grad_features is None:
+            return (None,) * len(ctx.needs_input_grad)
+        gw, gb, gbw, gbb, gx = _grads(ctx, grad_logits, grad_features, ctx.needs_input_grad[5])
+        return (None, None, None, None, None, gx if ctx.needs_input_grad[5] else None, *gw, *gb, *gbw, *gbb)
+
+
+def resmlp_unchecked(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p, seeds):
+    """:func:`resmlp` in eager mode without the Python argument checks (the kernel still checks
+    shapes and dtypes), for callers that built the arguments themselves (the fused ResMLP).
+    Lists, not None; p and seeds one per block; running_* one per BatchNorm or empty."""
+    res = _ResMLP.apply(len(weights), len(bn_weights), eps, p, seeds, x, *weights, *biases, *bn_weights, *bn_biases)
+    if running_means:
+        with torch.no_grad():
+            torch._foreach_lerp_(running_means + running_vars, list(res[2:]), momentum)
+    return res[0], res[1]

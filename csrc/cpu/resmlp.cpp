@@ -1,0 +1,236 @@
+// resmlp_forward / resmlp_backward on the CPU: the training-mode forward and the backward of a
+// (stacked) ResMLP (bmc_fast/models.py) as two calls, so that a training step costs two op
+// dispatches and one autograd node instead of ~25 ops and a dozen nodes, each with its Python
+// and autograd-engine overhead (at the trainer's B = 64 that overhead was as large as the math).
+//
+// Host code only (the DEFAULT build): the matrix products are at::mm/at::bmm (MKL/oneDNN), the
+// normalisation + activation + dropout is the bn_relu_dropout kernel, called directly.
+//
+// Layout. x is [B, I] with weights [O, I] (one model) or [K, B, I] with weights [K, O, I] (K
+// stacked models). weights/biases: proj, then (fc1, fc2, short) per block, then head; bn_*: (bn1,
+// bn2, bn_s) per block. saved: block b's input at 10 b, then its mask1, xhat1, invstd1, relu
+// output r, mask2, xhat2, xhat_s, invstd2, invstd_s (10 b + 1 ... 10 b + 9); the last block's
+// output is `features`, passed to the backward separately.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "bn_relu_dropout.h"
+#include "host_utils.h"
+
+namespace bmc_fast::cpu {
+
+namespace {
+
+using TensorVec = std::vector<at::Tensor>;
+constexpr size_t kSavedPerBlock = 10;
+
+// x W^T (+ b)
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b) {
+  if (w.dim() == 2) return b != nullptr ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+  return b != nullptr ? at::baddbmm(b->unsqueeze(1), x, w.transpose(1, 2)) : at::bmm(x, w.transpose(1, 2));
+}
+
+// d/dW of x W^T given g = d/d(x W^T): g^T x, contiguous [O, I] / [K, O, I] like the weight.
+at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x) {
+  return g.dim() == 2 ? at::mm(g.t(), x) : at::bmm(g.transpose(1, 2), x);
+}
+
+at::Tensor input_grad(const at::Tensor& g, const at::Tensor& w) {
+  return g.dim() == 2 ? at::mm(g, w) : at::bmm(g, w);
+}
+
+void add_input_grad(at::Tensor& acc, const at::Tensor& g, const at::Tensor& w) {
+  if (g.dim() == 2) {
+    acc.addmm_(g, w);
+  } else {
+    acc.baddbmm_(g, w);
+  }
+}
+
+at::Tensor bias_grad(const at::Tensor& g) { return g.sum(g.dim() - 2); }
+
+size_t num_blocks(size_t n_weights) {
+  TORCH_CHECK_VALUE(n_weights >= 5 && (n_weights - 2) % 3 == 0,
+                    "weights must hold proj, 3 per residual block (fc1, fc2, short) and head: 2 + 3 * blocks "
+                    "tensors, got ",
+                    n_weights);
+  return (n_weights - 2) / 3;
+}
+
+// `t` (named name[i]) must be a CPU tensor of x's dtype with shape `want`, or [K, *want] when
+// the models are stacked.
+void check_param(const at::Tensor& t, const at::Tensor& x, bool stacked, std::vector<int64_t> want, const char* name,
+                 size_t i) {
+  check_cpu(t, name);
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, "[", i, "] must have the dtype of x (", x.scalar_type(),
+                   "), got ", t.scalar_type());
+  if (stacked) want.insert(want.begin(), x.size(0));
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(want), name, "[", i, "] must have shape ", at::IntArrayRef(want),
+                    ", got ", t.sizes());
+}
+
+void check_list(size_t got, size_t want, const char* name, const char* what) {
+  TORCH_CHECK_VALUE(got == want, name, " must hold ", want, " ", what, ", got ", got);
+}
+
+// Checks every parameter against x and the chain of layer widths; returns the number of blocks.
+size_t check_model(const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
+                   at::TensorList bn_biases) {
+  check_cpu(x, "x");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "x must be float32 or float64, got ", x.scalar_type());
+  const size_t nb = num_blocks(weights.size());
+  TORCH_CHECK_VALUE(weights[0].dim() == 2 || weights[0].dim() == 3, "weights[0] must be [O, I] or [K, O, I], got ",
+                    weights[0].sizes());
+  const bool stacked = weights[0].dim() == 3;
+  TORCH_CHECK_VALUE(x.dim() == (stacked ? 3 : 2), "x must have shape ", stacked ? "[K, B, I]" : "[B, I]",
+                    " for weights of ", weights[0].dim(), " dimensions, got ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(-2) >= 2, "x must have at least 2 rows per model (batch statistics), got ", x.sizes());
+  check_list(biases.size(), weights.size(), "biases", "tensors (one per weight)");
+  check_list(bn_weights.size(), 3 * nb, "bn_weights", "tensors (bn1, bn2, bn_s per block)");
+  check_list(bn_biases.size(), 3 * nb, "bn_biases", "tensors (bn1, bn2, bn_s per block)");
+  const auto out_dim = [&](size_t i) { return weights[i].size(-2); };
+  check_param(weights[0], x, stacked, {weights[0].size(-2), x.size(-1)}, "weights", 0);
+  int64_t width = out_dim(0);
+  for (size_t b = 0; b < nb; ++b) {
+    const size_t i = 1 + 3 * b;
+    const int64_t w = out_dim(i);
+    check_param(weights[i], x, stacked, {w, width}, "weights", i);
+    check_param(weights[i + 1], x, stacked, {w, w}, "weights", i + 1);
+    check_param(weights[i + 2], x, stacked, {w, width}, "weights", i + 2);
+    for (size_t j = 0; j < 3; ++j) {
+      check_param(biases[i + j], x, stacked, {w}, "biases", i + j);
+      check_param(bn_weights[3 * b + j], x, stacked, {w}, "bn_weights", 3 * b + j);
+      check_param(bn_biases[3 * b + j], x, stacked, {w}, "bn_biases", 3 * b + j);
+    }
+    width = w;
+  }
+  const size_t last = weights.size() - 1;
+  check_param(weights[last], x, stacked, {out_dim(last), width}, "weights", last);
+  check_param(biases[0], x, stacked, {out_dim(0)}, "biases", 0);
+  check_param(biases[last], x, stacked, {out_dim(last)}, "biases", last);
+  return nb;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forward_cpu(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
+    at::TensorList bn_biases, double eps, at::ArrayRef<double> p, at::IntArrayRef seeds) {
+  const size_t nb = check_model(x, weights, biases, bn_weights, bn_biases);
+  check_list(p.size(), nb, "p", "values (one dropout probability per block)");
+  check_list(seeds.size(), nb, "seeds", "values (one dropout seed per block)");
+  TensorVec saved, means, vars;
+  saved.reserve(kSavedPerBlock * nb);
+  at::Tensor h = linear(x, weights[0], &biases[0]);
+  for (size_t b = 0; b < nb; ++b) {
+    const size_t i = 1 + 3 * b, j = 3 * b;
+    saved.push_back(h);  // the block's input
+    const at::Tensor a1 = linear(h, weights[i], nullptr);
+    auto [r, mask1, xhat1, invstd1, mean1, var1] =
+        bn_relu_dropout_cpu({a1}, {bn_weights[j]}, {bn_biases[j]}, {biases[i]}, eps, 0.0, 0);
+    const at::Tensor a2 = linear(r, weights[i + 1], nullptr);
+    const at::Tensor as = linear(h, weights[i + 2], nullptr);
+    auto [out, mask2, xhat2, invstd2, mean2, var2] =
+        bn_relu_dropout_cpu({a2, as}, {bn_weights[j + 1], bn_weights[j + 2]}, {bn_biases[j + 1], bn_biases[j + 2]},
+                            {biases[i + 1], biases[i + 2]}, eps, p[b], seeds[b]);
+    saved.insert(saved.end(), {mask1, xhat1[0], invstd1[0], r, mask2, xhat2[0], xhat2[1], invstd2[0], invstd2[1]});
+    means.insert(means.end(), {mean1[0], mean2[0], mean2[1]});
+    vars.insert(vars.end(), {var1[0], var2[0], var2[1]});
+    h = out;
+  }
+  at::Tensor logits = linear(h, weights.back(), &biases.back());
+  return {logits, h, saved, means, vars};
+}
+
+std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backward_cpu(
+    const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_features, const at::Tensor& x,
+    const at::Tensor& features, at::TensorList weights, at::TensorList bn_weights, at::TensorList saved,
+    at::ArrayRef<double> p, bool compute_input_grad) {
+  const size_t nb = num_blocks(weights.size());
+  check_list(bn_weights.size(), 3 * nb, "bn_weights", "tensors (bn1, bn2, bn_s per block)");
+  check_list(saved.size(), kSavedPerBlock * nb, "saved", "tensors (resmlp_forward's saved output)");
+  check_list(p.size(), nb, "p", "values (one dropout probability per block)");
+  check_cpu(x, "x");
+  check_cpu(features, "features");
+  const at::Tensor& head = weights.back();
+  std::vector<int64_t> logits_shape(features.sizes().begin(), features.sizes().end());
+  logits_shape.back() = head.size(-2);
+  const bool has_gl = grad_logits.has_value() && grad_logits->defined();
+  const bool has_gf = grad_features.has_value() && grad_features->defined();
+  if (has_gl) {
+    check_cpu(*grad_logits, "grad_logits");
+    TORCH_CHECK_VALUE(grad_logits->sizes() == at::IntArrayRef(logits_shape), "grad_logits must have shape ",
+                      at::IntArrayRef(logits_shape), ", got ", grad_logits->sizes());
+    TORCH_CHECK_TYPE(grad_logits->scalar_type() == x.scalar_type(), "grad_logits must have the dtype of x (",
+                     x.scalar_type(), "), got ", grad_logits->scalar_type());
+  }
+  if (has_gf) {
+    check_cpu(*grad_features, "grad_features");
+    TORCH_CHECK_VALUE(grad_features->sizes() == features.sizes(), "grad_features must have shape ", features.sizes(),
+                      ", got ", grad_features->sizes());
+    TORCH_CHECK_TYPE(grad_features->scalar_type() == x.scalar_type(), "grad_features must have the dtype of x (",
+                     x.scalar_type(), "), got ", grad_features->scalar_type());
+  }
+
+  const size_t nw = weights.size();
+  TensorVec gw(nw), gb(nw), gbn_w(3 * nb), gbn_b(3 * nb);
+  at::Tensor g;  // d loss / d (the current block's output)
+  if (has_gl) {
+    gw[nw - 1] = weight_grad(*grad_logits, features);
+    gb[nw - 1] = bias_grad(*grad_logits);
+    g = input_grad(*grad_logits, head);
+    if (has_gf) g.add_(*grad_features);
+  } else {
+    gw[nw - 1] = at::zeros_like(head);
+    gb[nw - 1] = at::zeros(head.sizes().slice(0, head.dim() - 1), head.options());
+    g = has_gf ? *grad_features : at::zeros_like(features);
+  }
+  for (size_t b = nb; b-- > 0;) {
+    const size_t i = 1 + 3 * b, j = 3 * b, s = kSavedPerBlock * b;
+    const at::Tensor& h_in = saved[s];
+    const at::Tensor& r = saved[s + 4];
+    auto [gi2, gw2, gb2] = bn_relu_dropout_backward_cpu(g, saved[s + 5], {saved[s + 6], saved[s + 7]},
+                                                        {saved[s + 8], saved[s + 9]},
+                                                        {bn_weights[j + 1], bn_weights[j + 2]}, p[b]);
+    gw[i + 1] = weight_grad(gi2[0], r);
+    gw[i + 2] = weight_grad(gi2[1], h_in);
+    const at::Tensor gr = input_grad(gi2[0], weights[i + 1]);
+    auto [gi1, gw1, gb1] =
+        bn_relu_dropout_backward_cpu(gr, saved[s + 1], {saved[s + 2]}, {saved[s + 3]}, {bn_weights[j]}, 0.0);
+    gw[i] = weight_grad(gi1[0], h_in);
+    g = input_grad(gi1[0], weights[i]);
+    add_input_grad(g, gi2[1], weights[i + 2]);
+    // The pre-BN biases cancel in the normalisation: their gradient is exactly zero.
+    for (size_t k = 0; k < 3; ++k) gb[i + k] = at::zeros_like(bn_weights[j + k]);
+    gbn_w[j] = gw1[0];
+    gbn_b[j] = gb1[0];
+    gbn_w[j + 1] = gw2[0];
+    gbn_b[j + 1] = gb2[0];
+    gbn_w[j + 2] = gw2[1];
+    gbn_b[j + 2] = gb2[1];
+  }
+  gw[0] = weight_grad(g, x);
+  gb[0] = bias_grad(g);
+  at::Tensor gx = compute_input_grad ? input_grad(g, weights[0]) : at::empty({0}, x.options());
+  return {gw, gb, gbn_w, gbn_b, gx};
+}
+
+TORCH_LIBRARY_IMPL(bmc_fast, CPU, m) {
+  m.impl("resmlp_forward", &resmlp_forward_cpu);
+  m.impl("resmlp_backward", &resmlp_backward_cpu);
+}
+
+}  // namespace bmc_fast::cpu

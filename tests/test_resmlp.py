@@ -1,0 +1,320 @@
+"""resmlp (the training-mode forward + backward of a (stacked) ResMLP in one op call each) and the
+fused ResMLP module path built on it: values, gradients, running statistics, opcheck, errors."""
+import copy
+
+import pytest
+import torch
+from torch.func import stack_module_state
+
+from bmc_fast import reference
+from bmc_fast.models import ResMLP, fused_path_available, resmlp_forward
+from bmc_fast.ops import resmlp
+from conftest import TOL
+
+OP = torch.ops.bmc_fast.resmlp_forward.default
+BACKWARD = torch.ops.bmc_fast.resmlp_backward.default
+FUSED_DTYPES = [torch.float32, torch.float64]
+
+
+def make(k, b, dims, dtype=torch.float32, grad=True):
+    """A random ResMLP's lists for k stacked models (k=None: one model) with widths
+    dims = (input, proj, block widths..., classes); returns (x, weights, biases, bn_weights,
+    bn_biases, running_means, running_vars)."""
+    lead = () if k is None else (k,)
+    t = lambda *s, scale=1.0, shift=0.0: (torch.randn(*lead, *s, dtype=dtype) * scale + shift).requires_grad_(grad)  # noqa: E731
+    d_in, proj, *widths, c = dims
+    x = t(b, d_in)
+    weights, biases = [t(proj, d_in, scale=d_in ** -0.5)], [t(proj, scale=0.1)]
+    bn_w, bn_b, rm, rv = [], [], [], []
+    width = proj
+    for w in widths:
+        for shape in ((w, width), (w, w), (w, width)):
+            weights.append(t(*shape, scale=shape[1] ** -0.5))
+            biases.append(t(w, scale=0.1))
+            bn_w.append(t(w, scale=0.2, shift=1.0))
+            bn_b.append(t(w, scale=0.1))
+            rm.append(torch.randn(*lead, w, dtype=dtype))
+            rv.append(torch.rand(*lead, w, dtype=dtype) + 0.5)
+        width = w
+    weights.append(t(c, width, scale=width ** -0.5))
+    biases.append(t(c, scale=0.1))
+    return x, weights, biases, bn_w, bn_b, rm, rv
+
+
+def detached(lst):
+    return [t.detach() for t in lst]
+
+
+CASES = [  # (k, b, dims)
+    (None, 16, (20, 12, 24, 24, 7)),
+    (3, 16, (20, 12, 24, 24, 7)),
+    (2, 2, (5, 3, 1, 2)),          # B = 2, a width-1 block
+    (1, 9, (7, 5, 6, 4, 3, 1)),    # three blocks, one class
+    (None, 64, (33, 16, 40, 10)),  # one block
+]
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_matches_reference(dtype, case, p):
+    k, b, dims = CASES[case]
+    x, w, bs, bw, bb, rm, rv = make(k, b, dims, dtype)
+    rm2, rv2 = [t.clone() for t in rm], [t.clone() for t in rv]
+    ps, seeds = [p] * (len(dims) - 3), list(range(5, 5 + len(dims) - 3))
+    logits, feats = resmlp(x, w, bs, bw, bb, rm, rv, 0.2, 1e-5, ps, seeds)
+    rl, rf = reference.resmlp(x, w, bs, bw, bb, rm2, rv2, 0.2, 1e-5, ps, seeds)
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    if b == 2 and dtype == torch.float32:  # BatchNorm over 2 rows is ill-conditioned (xhat = +-1):
+        tol = dict(rtol=1e-3, atol=1e-5)   # float32 gradients agree to ~2e-4 relative only
+    torch.testing.assert_close(logits, rl, **tol)
+    torch.testing.assert_close(feats, rf, **tol)
+    for a, r in zip(rm + rv, rm2 + rv2):
+        torch.testing.assert_close(a, r, **tol)
+    gl, gf = torch.randn_like(logits), torch.randn_like(feats)
+    params = w + bs + bw + bb
+    got = torch.autograd.grad((logits * gl).sum() + (feats * gf).sum(), [x] + params)
+    want = torch.autograd.grad((rl * gl).sum() + (rf * gf).sum(), [x] + params, allow_unused=True,
+                               materialize_grads=True)
+    pre_bn = {1 + len(w) + i for i in range(1, len(w) - 1)}  # the Linear biases before a BatchNorm
+    for i, (a, r) in enumerate(zip(got, want)):
+        if i in pre_bn:
+            assert torch.equal(a, torch.zeros_like(a)), i
+        elif i == 1 + len(w):  # proj's bias: every path from it ends in a BatchNorm; both are rounding noise
+            assert a.abs().max() < 1e-3 and r.abs().max() < 1e-3
+        else:  # atol relative to the gradient's scale (sums over rows)
+            scale = 1e-6 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(a, r, rtol=tol["rtol"], atol=tol["atol"] + scale * r.abs().max().item(),
+                                       msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
+@pytest.mark.parametrize("which", ["logits", "features"])
+def test_gradient_of_one_output(which):
+    x, w, bs, bw, bb, _, _ = make(2, 8, (6, 5, 8, 8, 3))
+    out = resmlp(x, w, bs, bw, bb, p=[0.2, 0.2], seeds=[1, 2])
+    ref = reference.resmlp(x, w, bs, bw, bb, p=[0.2, 0.2], seeds=[1, 2])
+    i = 0 if which == "logits" else 1
+    got = torch.autograd.grad(out[i].square().sum(), [x] + w + bw + bb)
+    want = torch.autograd.grad(ref[i].square().sum(), [x] + w + bw + bb, allow_unused=True, materialize_grads=True)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck():
+    x, w, bs, bw, bb, _, _ = make(2, 5, (4, 3, 4, 4, 2), torch.float64)
+    n, nb = len(w), len(bw)
+
+    def f(x, *t):
+        return resmlp(x, list(t[:n]), list(t[n:2 * n]), list(t[2 * n:2 * n + nb]), list(t[2 * n + nb:]),
+                      p=[0.25, 0.25], seeds=[3, 4])
+
+    assert torch.autograd.gradcheck(f, (x, *w, *bs, *bw, *bb))
+
+
+def test_seeds_are_drawn_from_torch_generator():
+    x, w, bs, bw, bb, _, _ = make(None, 32, (6, 5, 8, 8, 3), grad=False)
+    torch.manual_seed(7)
+    a = resmlp(x, w, bs, bw, bb, p=[0.5, 0.5])[1]
+    torch.manual_seed(7)
+    b = resmlp(x, w, bs, bw, bb, p=[0.5, 0.5])[1]
+    c = resmlp(x, w, bs, bw, bb, p=[0.5, 0.5])[1]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_non_contiguous_and_large_inputs():
+    x, w, bs, bw, bb, _, _ = make(2, 12, (10, 6, 8, 3), grad=False)
+    xt = (x.transpose(0, 1).contiguous().transpose(0, 1) * 1e4)  # [K, B, I] view of a [B, K, I] tensor
+    wt = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in w]
+    assert not xt.is_contiguous() and not wt[1].is_contiguous()
+    out = resmlp(xt, wt, bs, bw, bb, p=[0.1], seeds=[9])
+    ref = reference.resmlp(xt, wt, bs, bw, bb, p=[0.1], seeds=[9])
+    assert torch.isfinite(out[0]).all()
+    for a, r in zip(out, ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes_run_the_reference(dtype):
+    x, w, bs, bw, bb, _, _ = make(2, 8, (6, 5, 8, 3), grad=False)
+    cast = lambda lst: [t.to(dtype) for t in lst]  # noqa: E731
+    out = resmlp(x.to(dtype), cast(w), cast(bs), cast(bw), cast(bb), p=[0.2], seeds=[1])
+    ref = reference.resmlp(x.to(dtype), cast(w), cast(bs), cast(bw), cast(bb), p=[0.2], seeds=[1])
+    assert out[0].dtype == dtype and torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_opcheck():
+    x, w, bs, bw, bb, _, _ = make(2, 6, (5, 4, 8, 3), grad=False)
+    args = (x, w, bs, bw, bb, 1e-5, [0.3], [11])
+    torch.library.opcheck(OP, args)
+    grad_args = (x, [t.clone().requires_grad_(True) for t in w], bs, bw, bb, 1e-5, [0.3], [11])
+    torch.library.opcheck(OP, grad_args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    logits, feats, saved, _, _ = OP(*args)
+    torch.library.opcheck(BACKWARD, (torch.randn_like(logits), torch.randn_like(feats), x, feats, w, bw, saved, [0.3],
+                                     True))
+    torch.library.opcheck(BACKWARD, (None, torch.randn_like(feats), x, feats, w, bw, saved, [0.3], False))
+
+
+def test_compile_the_public_function():
+    x, w, bs, bw, bb, rm, rv = make(None, 10, (6, 5, 8, 3))
+    rm2, rv2 = [t.clone() for t in rm], [t.clone() for t in rv]
+
+    def f(x, w, bs, bw, bb, rm, rv):
+        logits, feats = resmlp(x, w, bs, bw, bb, rm, rv, p=[0.2], seeds=[5])
+        return logits.sum() + feats.square().sum()
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, bs, bw, bb, rm, rv)
+    ref = f(x, w, bs, bw, bb, rm2, rv2)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(rm + rv, rm2 + rv2):
+        torch.testing.assert_close(a, r)
+    for a, r in zip(torch.autograd.grad(out, w + bw), torch.autograd.grad(ref, w + bw)):
+        torch.testing.assert_close(a, r)
+
+
+def _bad_cases():
+    def call(mutate):
+        x, w, bs, bw, bb, _, _ = make(2, 4, (6, 5, 8, 3), grad=False)
+        a = dict(x=x, weights=w, biases=bs, bn_weights=bw, bn_biases=bb)
+        mutate(a)
+        return lambda: resmlp(**a)
+
+    def raw(mutate):
+        x, w, bs, bw, bb, _, _ = make(2, 4, (6, 5, 8, 3), grad=False)
+        a = [x, w, bs, bw, bb, 1e-5, [0.0], [0]]
+        mutate(a)
+        return lambda: OP(*a)
+
+    return [
+        (call(lambda a: a.update(x=a["x"][:, :1])), ValueError, "at least 2 rows"),
+        (call(lambda a: a.update(x=a["x"][0, 0])), ValueError, r"x must have shape \[B, I\] or \[K, B, I\]"),
+        (call(lambda a: a.update(x=a["x"][0])), ValueError, r"weights\[0\] must have 2 dimensions"),
+        (call(lambda a: a.update(x=a["x"][..., :5])), ValueError, r"weights\[0\] must have shape \[2, 5, 5\]"),
+        (call(lambda a: a.update(weights=a["weights"][:4])), ValueError, "2 \\+ 3 \\* blocks"),
+        (call(lambda a: a.update(biases=a["biases"][:3])), ValueError, "biases must be a list of 5"),
+        (call(lambda a: a["weights"].__setitem__(2, a["weights"][2][:, :, :3])), ValueError, r"weights\[2\]"),
+        (call(lambda a: a["bn_weights"].__setitem__(1, a["bn_weights"][1][:, :2])), ValueError, r"bn_weights\[1\]"),
+        (call(lambda a: a["biases"].__setitem__(4, a["biases"][4].double())), TypeError, r"biases\[4\] must have"),
+        (call(lambda a: a.update(x=a["x"].long())), TypeError, "floating"),
+        (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], p=[1.0]), ValueError, "p must hold"),
+        (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], p=0.1), ValueError, "p must be a list of 1"),
+        (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], seeds=[1.5]), ValueError, "seeds must be"),
+        (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], eps=0.0), ValueError, "eps must be"),
+        (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], momentum=-1), ValueError, "momentum must be"),
+        (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:6]), ValueError, "running_vars"),
+        (raw(lambda a: a.__setitem__(0, a[0][:, :1])), ValueError, "at least 2 rows"),
+        (raw(lambda a: a.__setitem__(0, a[0][..., :5])), ValueError, r"weights\[0\] must have shape"),
+        (raw(lambda a: a.__setitem__(6, [0.1, 0.1])), ValueError, "p must hold 1"),
+        (raw(lambda a: a.__setitem__(7, [])), ValueError, "seeds must hold 1"),
+        (raw(lambda a: a.__setitem__(3, a[3][:2])), ValueError, "bn_weights must hold 3"),
+        (raw(lambda a: a[1].__setitem__(4, a[1][4][..., :2])), ValueError, r"weights\[4\] must have shape"),
+        (raw(lambda a: a.__setitem__(0, a[0].half())), TypeError, "float32 or float64"),
+    ]
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_arguments(case):
+    fn, exc, match = BAD[case]
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_backward_op_checks_its_gradients():
+    x, w, bs, bw, bb, _, _ = make(2, 4, (6, 5, 8, 3), grad=False)
+    logits, feats, saved, _, _ = OP(x, w, bs, bw, bb, 1e-5, [0.0], [0])
+    with pytest.raises(ValueError, match="grad_logits must have shape"):
+        BACKWARD(logits[:, :2], None, x, feats, w, bw, saved, [0.0], False)
+    with pytest.raises(ValueError, match="saved must hold 10"):
+        BACKWARD(logits, None, x, feats, w, bw, saved[:3], [0.0], False)
+    with pytest.raises(TypeError, match="grad_features must have the dtype"):
+        BACKWARD(None, feats.double(), x, feats, w, bw, saved, [0.0], False)
+    gw, gb, gbw, gbb, gx = BACKWARD(None, None, x, feats, w, bw, saved, [0.0], False)
+    assert gx.numel() == 0 and all(torch.equal(g, torch.zeros_like(g)) for g in gw + gb + gbw + gbb)
+
+
+# ---- the fused ResMLP ---------------------------------------------------------------------------
+
+def _pair(dropout=0.0, d=24, c=7, dtype=torch.float32):
+    torch.manual_seed(3)
+    fused = ResMLP(d, c, hidden=16, width=40, dropout=dropout).to(dtype).train()
+    eager = copy.deepcopy(fused)
+    eager.fused = False
+    return fused, eager
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+def test_resmlp_fused_matches_module(dtype):
+    fused, eager = _pair(dtype=dtype)
+    x = torch.randn(33, 24, dtype=dtype)
+    assert fused_path_available(fused, x)
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for _ in range(3):  # several steps: running statistics accumulate
+        (lf, hf), (le, he) = fused(x), eager(x)
+        torch.testing.assert_close(lf, le, **tol)
+        torch.testing.assert_close(hf, he, **tol)
+        g = torch.randn_like(lf)
+        gf = torch.autograd.grad((lf * g).sum() + hf.square().sum(), list(fused.parameters()))
+        ge = torch.autograd.grad((le * g).sum() + he.square().sum(), list(eager.parameters()))
+        for (name, _), a, b in zip(fused.named_parameters(), gf, ge):
+            if name.endswith(("fc1.bias", "fc2.bias", "short.bias")):  # before a BN: 0 vs rounding noise
+                assert torch.equal(a, torch.zeros_like(a)) and b.abs().max() < 1e-3
+            elif name == "proj.bias":  # every path from it ends in a BN too: both are rounding noise
+                assert a.abs().max() < 1e-3 and b.abs().max() < 1e-3
+            else:  # atol relative to the gradient's scale (sums over 33 rows of O(100) terms)
+                scale = 1e-6 if dtype == torch.float32 else 1e-12
+                torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] + scale * b.abs().max().item(),
+                                           msg=name)
+    for (name, a), (_, b) in zip(fused.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    fused.eval(), eager.eval()
+    torch.testing.assert_close(fused(x)[0], eager(x)[0], **tol)
+
+
+def test_resmlp_fused_dropout_is_unbiased():
+    fused, eager = _pair(dropout=0.5)
+    x = torch.randn(64, 24)
+    with torch.no_grad():
+        a, b, b2 = (torch.stack([m(x)[1] for _ in range(200)]).mean(0) for m in (fused, eager, eager))
+    # The masks differ (torch's bernoulli vs the hash) but the averages agree: the fused estimate
+    # is as far from the eager one as two eager estimates are from each other (sampling noise).
+    assert (a - b).abs().mean() < 1.25 * (b - b2).abs().mean()
+    assert (fused(x)[1] == 0).float().mean() > 0.5  # ReLU zeros + dropped half
+
+
+def test_resmlp_stacked_forward_matches_each_model():
+    torch.manual_seed(1)
+    members = [ResMLP(20, 5, hidden=8, width=16, dropout=0.0).train() for _ in range(3)]
+    params, buffers = stack_module_state([copy.deepcopy(m) for m in members])
+    params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    x = torch.randn(3, 10, 20)
+    logits, feats = resmlp_forward(members[0], params, buffers, x)
+    loss = logits.square().sum() + feats.sum()
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    for i, m in enumerate(members):
+        m.fused = False
+        lg, h = m(x[i])
+        torch.testing.assert_close(logits[i], lg, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(feats[i], h, rtol=1e-4, atol=1e-5)
+        gs = torch.autograd.grad(lg.square().sum() + h.sum(), list(m.parameters()))
+        g = dict(zip(dict(m.named_parameters()), gs))
+        for name, gi in g.items():
+            if not name.endswith(("fc1.bias", "fc2.bias", "short.bias")):
+                torch.testing.assert_close(grads[name][i], gi, rtol=1e-4, atol=1e-4, msg=name)
+        for name, b in m.named_buffers():
+            torch.testing.assert_close(buffers[name][i].to(b.dtype), b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resmlp_falls_back_to_modules():
+    fused, eager = _pair()
+    x = torch.randn(8, 24)
+    assert not fused_path_available(fused, x.to(torch.bfloat16))
+    assert not fused_path_available(fused, x[:1])          # one row: BatchNorm's own error applies
+    assert not fused_path_available(eager.head, x)         # not a ResMLP
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_path_available(fused, x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fused(x[:1])
+    fused.eval()
+    torch.testing.assert_close(fused(x)[0], eager.eval()(x)[0])
