@@ -29,8 +29,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from . import _ext
 from .memory import Buffer
 from .models import ResMLP, fused_path_available, resmlp_forward
+from .optim import AdamW
 
 __all__ = ["ExpertArtifact", "train_experts", "flat_params", "expert_batches", "resolve_parallel"]
 
@@ -44,10 +46,14 @@ class ExpertArtifact:
 
 
 def adamw(params, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.Optimizer:
-    """AdamW with torch's fused kernel where it exists (CPU and CUDA since torch 2.4): one pass
-    over all parameters instead of a handful of small ops per tensor. ``fused=False`` is torch's
-    default AdamW (a loop over the parameters on the CPU), as a plain training script runs it."""
+    """AdamW in one fused pass over all parameters instead of a handful of small ops per tensor:
+    :class:`bmc_fast.optim.AdamW` (one kernel call per step) for float32/float64 CPU parameters,
+    torch's fused AdamW elsewhere (CUDA). ``fused=False`` is torch's default AdamW (a loop over
+    the parameters on the CPU), as a plain training script runs it."""
     params = list(params)
+    if fused and _ext.HAVE_EXTENSION and params and all(
+            p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params):
+        return AdamW(params, lr=lr, weight_decay=weight_decay)
     if fused:
         try:
             return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)

@@ -22,6 +22,7 @@ __all__ = [
     "bn_relu_dropout",
     "dropout_keep_mask",
     "resmlp",
+    "adamw_step",
 ]
 
 
@@ -211,3 +212,16 @@ def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, runnin
         h = bn_relu_dropout([linear(r, weights[i + 1]), linear(h, weights[i + 2])], bn_weights[j + 1:j + 3],
                             bn_biases[j + 1:j + 3], *stats(1, 2), biases[i + 1:i + 3], momentum, eps, p[b], seeds[b])
     return linear(h, weights[-1], biases[-1]), h
+
+
+@torch.no_grad()
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1=0.9, beta2=0.999, weight_decay=1e-2, eps=1e-8, step=1):
+    """One AdamW step in place, as torch.optim.AdamW computes it (see
+    :func:`bmc_fast.ops.adamw.adamw_step`)."""
+    bc1 = 1 - beta1 ** step
+    bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-lr / bc1)

@@ -102,4 +102,12 @@ TORCH_LIBRARY(bmc_fast, m) {
       "resmlp_backward(Tensor? grad_logits, Tensor? grad_features, Tensor x, Tensor features, Tensor[] weights, "
       "Tensor[] bn_weights, Tensor[] saved, float[] p, bool compute_input_grad) -> (Tensor[] grad_weights, "
       "Tensor[] grad_biases, Tensor[] grad_bn_weights, Tensor[] grad_bn_biases, Tensor grad_x)");
+
+  // One AdamW step (torch.optim.AdamW's update; amsgrad and maximize off) over every tensor of
+  // the lists in place: params, exp_avgs and exp_avg_sqs are updated, grads read. step is the
+  // step being taken (1 for the first), for the bias corrections. float32/float64 contiguous
+  // tensors, grads/exp_avgs/exp_avg_sqs of their param's dtype and shape.
+  m.def(
+      "adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "float lr, float beta1, float beta2, float weight_decay, float eps, int step) -> ()");
 }

@@ -7,6 +7,7 @@ import torch
 
 from .. import _ext
 from . import (
+    adamw as _adam,
     batched_distillation_loss as _bdl,
     bn_relu_dropout as _bn,
     resmlp as _mlp,
@@ -15,6 +16,7 @@ from . import (
     task_masked_kd_loss as _kd,
     weight_stability_loss as _wsl,
 )
+from .adamw import adamw_step
 from .batched_distillation_loss import batched_distillation_loss
 from .bn_relu_dropout import bn_relu_dropout
 from .resmlp import resmlp
@@ -27,7 +29,7 @@ if _ext.HAVE_EXTENSION:
     for _op, _fake, _backward, _setup in (m.REGISTRATION for m in (_sl, _wsl, _bdl, _ce, _kd, _bn, _mlp)):
         torch.library.register_fake(_op)(_fake)
         torch.library.register_autograd(_op, _backward, setup_context=_setup)
-    for _op, _fake in (_bn.BACKWARD_FAKE, _mlp.BACKWARD_FAKE):
+    for _op, _fake in (_bn.BACKWARD_FAKE, _mlp.BACKWARD_FAKE, _adam.FAKE):
         torch.library.register_fake(_op)(_fake)
 
 __all__ = [
@@ -38,4 +40,5 @@ __all__ = [
     "task_masked_kd_loss",
     "bn_relu_dropout",
     "resmlp",
+    "adamw_step",
 ]
