@@ -9,8 +9,8 @@ state, buffer) that can be saved and moved to another process. Three ways to run
   over K with :func:`torch.func.stack_module_state`, one ``vmap``-ed forward over ``[K, B, ...]``,
   one backward, one optimizer over the stacked tensors (AdamW is elementwise, so this is the
   same as K optimizers). Works for any model, on CPU and GPU. The default ResMLP on the CPU
-  skips vmap: :func:`bmc_fast.models.resmlp_forward` runs the K models as batched matmuls and
-  the fused ``bn_relu_dropout`` kernel (``fused_backbone``).
+  skips vmap: :func:`bmc_fast.models.resmlp_train_forward` runs the K models through the fused
+  ``resmlp`` op: batched matmuls and the ``bn_relu_dropout`` kernel (``fused_backbone``).
 * ``"streams"``: K ordinary modules, each stepping on its own CUDA stream.
 * ``"sequential"``: the simple loop, one expert after another.
 
@@ -31,7 +31,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from . import _ext
 from .memory import Buffer
-from .models import ResMLP, fused_path_available, resmlp_forward
+from .models import ResMLP, fused_args, fused_path_available, resmlp_train_forward
 from .optim import AdamW
 
 __all__ = ["ExpertArtifact", "train_experts", "flat_params", "expert_batches", "resolve_parallel"]
@@ -218,8 +218,10 @@ def _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off,
     opt = adamw(params.values(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
 
     if _fused_backbone(base, cfg, batch(0)[0][0]):
-        def batched(p, b, x):  # the default ResMLP: K models in batched matmuls + fused BN kernels
-            return resmlp_forward(skeleton, p, b, x)
+        lists = fused_args(skeleton, params, buffers)  # the same tensors every step: built once
+
+        def batched(p, b, x):  # the default ResMLP: K models in one fused op call
+            return resmlp_train_forward(skeleton, lists, x)
     else:
         def fwd(p, b, x):
             return functional_call(skeleton, (p, b), (x,))
