@@ -18,7 +18,7 @@ SHAPES = [1, 4] if not shapes.QUICK else [1]  # K stacked copies of the ResMLP's
 def _params(k, seed=0):
     torch.manual_seed(seed)
     m = ResMLP(768, 40) if not shapes.QUICK else ResMLP(16, 4, hidden=8, width=8)
-    ps = [p.detach().repeat(k, *([1] * p.dim())).requires_grad_(True) if k > 1 else p.detach().clone().requires_grad_(True)
+    ps = [(p.detach().repeat(k, *([1] * p.dim())) if k > 1 else p.detach().clone()).requires_grad_(True)
           for p in m.parameters()]
     for p in ps:
         p.grad = torch.randn_like(p)

@@ -59,7 +59,7 @@ class BMCConfig:
     dropout: float = 0.3              # of the default ResMLP backbone
     losses: str = "fused"             # "fused" | "reference"
     fused_backbone: bool = True       # the default ResMLP trains through the fused CPU kernels
-    fused_optimizer: bool = True      # torch's fused AdamW (False: torch's default AdamW loop)
+    fused_optimizer: bool = True      # bmc_fast.optim.AdamW (CPU) / torch's fused (CUDA); False: default loop
     base_feature_table_mb: float = 256  # base features of all samples precomputed up to this size (0: per step)
     device: str = "cpu"
     seed: int = 0

@@ -20,6 +20,7 @@ def make(k, b, dims, dtype=torch.float32, grad=True):
     """A random ResMLP's lists for k stacked models (k=None: one model) with widths
     dims = (input, proj, block widths..., classes); returns (x, weights, biases, bn_weights,
     bn_biases, running_means, running_vars)."""
+    torch.manual_seed(1234 + b)  # fixed data: a ReLU input within rounding of 0 flips a mask bit
     lead = () if k is None else (k,)
     t = lambda *s, scale=1.0, shift=0.0: (torch.randn(*lead, *s, dtype=dtype) * scale + shift).requires_grad_(grad)  # noqa: E731
     d_in, proj, *widths, c = dims
