@@ -170,13 +170,15 @@ class Memory:
     def batch(self, idx: torch.Tensor, num_classes: int, device) -> dict:
         """The minibatch of rows ``idx`` on ``device``; ``teacher_logits`` are laid out over the
         full head (zeros outside each row's range, which the masked KD loss never reads)."""
+        # index_select, not t[idx]: advanced indexing costs ~3x more at minibatch sizes
+        idx = idx.reshape(-1)
         out = {
-            "x": self.x[idx].to(device, non_blocking=True),
-            "y": self.y[idx].to(device),
-            "offset": self.offset[idx].to(device),
-            "length": self.length[idx].to(device),
-            "features": self.features[idx].to(device).float(),
-            "buffer_id": self.buffer_id[idx].to(device),
+            "x": torch.index_select(self.x, 0, idx).to(device, non_blocking=True),
+            "y": torch.index_select(self.y, 0, idx).to(device),
+            "offset": torch.index_select(self.offset, 0, idx).to(device),
+            "length": torch.index_select(self.length, 0, idx).to(device),
+            "features": torch.index_select(self.features, 0, idx).to(device).float(),
+            "buffer_id": torch.index_select(self.buffer_id, 0, idx).to(device),
         }
         if self.logits is not None:
             compact = self.logits[idx].float()

@@ -76,6 +76,22 @@ class AdamW(torch.optim.Optimizer):
         self._caches[gi] = c
         return c
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``, as a plain loop (the base class's costs
+        ~0.08 ms for the 28 tensors of the default ResMLP, a few percent of a training step)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

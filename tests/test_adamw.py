@@ -183,3 +183,16 @@ def test_optimizer_rejects_bad_hyperparameters():
                       (dict(weight_decay=-0.1), "weight_decay")):
         with pytest.raises(ValueError, match=match):
             AdamW(p, **kw)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(set_to_none):
+    p = torch.randn(3, requires_grad=True)
+    q = torch.randn(2, requires_grad=True)
+    opt = AdamW([p, q])
+    (p.sum() * 2 + q.square().sum()).backward()
+    opt.zero_grad(set_to_none=set_to_none)
+    if set_to_none:
+        assert p.grad is None and q.grad is None
+    else:
+        assert torch.equal(p.grad, torch.zeros(3)) and torch.equal(q.grad, torch.zeros(2))
