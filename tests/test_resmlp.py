@@ -319,3 +319,22 @@ def test_resmlp_falls_back_to_modules():
         fused(x[:1])
     fused.eval()
     torch.testing.assert_close(fused(x)[0], eager.eval()(x)[0])
+
+
+def test_one_and_two_threads_agree():
+    # At 2 threads independent matmuls run side by side, one per thread (run_pair in
+    # csrc/cpu/resmlp.cpp, with the caller's autograd state replicated into the worker).
+    x, w, bs, bw, bb, _, _ = make(2, 32, (24, 16, 32, 32, 5))
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            logits, feats = resmlp(x, w, bs, bw, bb, p=[0.2, 0.2], seeds=[3, 4])
+            grads = torch.autograd.grad(logits.square().sum() + feats.sum(), [x] + w + bw + bb)
+            assert logits.grad_fn is not None and all(g.grad_fn is None for g in grads)
+            outs.append((logits, feats, *grads))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@
 // bn2, bn_s) per block. saved: block b's input at 10 b, then its mask1, xhat1, invstd1, relu
 // output r, mask2, xhat2, xhat_s, invstd2, invstd_s (10 b + 1 ... 10 b + 9); the last block's
 // output is `features`, passed to the backward separately.
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
@@ -21,6 +23,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -60,6 +63,40 @@ void add_input_grad(at::Tensor& acc, const at::Tensor& g, const at::Tensor& w) {
 }
 
 at::Tensor bias_grad(const at::Tensor& g) { return g.sum(g.dim() - 2); }
+
+// BMC_FAST_PAIR=0 turns run_pair off (every matmul then uses all threads, one after another).
+bool pairing_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("BMC_FAST_PAIR");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
+// Runs two independent pieces of work at once, one per thread. Inside a parallel region MKL and
+// at::parallel_for run single-threaded, so each matmul gets a whole core: at the trainer's sizes
+// (64 rows) that beats splitting every matmul over two threads one after the other, whose
+// parallel regions are short and synchronise often. The callers' thread-local state (autograd
+// exclusion, grad mode) is replicated into the worker.
+template <typename F1, typename F2>
+void run_pair(F1&& f1, F2&& f2) {
+  if (!pairing_enabled() || at::get_num_threads() < 2 || at::in_parallel_region()) {
+    f1();
+    f2();
+    return;
+  }
+  const at::ThreadLocalState state;
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t i = begin; i < end; ++i) {
+      if (i == 0) {
+        f1();
+      } else {
+        f2();
+      }
+    }
+  });
+}
 
 size_t num_blocks(size_t n_weights) {
   TORCH_CHECK_VALUE(n_weights >= 5 && (n_weights - 2) % 3 == 0,
@@ -138,11 +175,11 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forwa
   for (size_t b = 0; b < nb; ++b) {
     const size_t i = 1 + 3 * b, j = 3 * b;
     saved.push_back(h);  // the block's input
-    const at::Tensor a1 = linear(h, weights[i], nullptr);
+    at::Tensor a1, as;
+    run_pair([&] { a1 = linear(h, weights[i], nullptr); }, [&] { as = linear(h, weights[i + 2], nullptr); });
     auto [r, mask1, xhat1, invstd1, mean1, var1] =
         bn_relu_dropout_cpu({a1}, {bn_weights[j]}, {bn_biases[j]}, {biases[i]}, eps, 0.0, 0);
     const at::Tensor a2 = linear(r, weights[i + 1], nullptr);
-    const at::Tensor as = linear(h, weights[i + 2], nullptr);
     auto [out, mask2, xhat2, invstd2, mean2, var2] =
         bn_relu_dropout_cpu({a2, as}, {bn_weights[j + 1], bn_weights[j + 2]}, {bn_biases[j + 1], bn_biases[j + 2]},
                             {biases[i + 1], biases[i + 2]}, eps, p[b], seeds[b]);
@@ -189,9 +226,9 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backwa
   TensorVec gw(nw), gb(nw), gbn_w(3 * nb), gbn_b(3 * nb);
   at::Tensor g;  // d loss / d (the current block's output)
   if (has_gl) {
-    gw[nw - 1] = weight_grad(*grad_logits, features);
+    run_pair([&] { gw[nw - 1] = weight_grad(*grad_logits, features); },
+             [&] { g = input_grad(*grad_logits, head); });
     gb[nw - 1] = bias_grad(*grad_logits);
-    g = input_grad(*grad_logits, head);
     if (has_gf) g.add_(*grad_features);
   } else {
     gw[nw - 1] = at::zeros_like(head);
@@ -205,14 +242,14 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backwa
     auto [gi2, gw2, gb2] = bn_relu_dropout_backward_cpu(g, saved[s + 5], {saved[s + 6], saved[s + 7]},
                                                         {saved[s + 8], saved[s + 9]},
                                                         {bn_weights[j + 1], bn_weights[j + 2]}, p[b]);
-    gw[i + 1] = weight_grad(gi2[0], r);
-    gw[i + 2] = weight_grad(gi2[1], h_in);
-    const at::Tensor gr = input_grad(gi2[0], weights[i + 1]);
+    // Two independent matmuls at a time (run_pair): fc2's input gradient (the critical path, on to
+    // bn1's backward) beside fc2's weight gradient, then the short cut's two beside fc1's two.
+    at::Tensor gr, g_short;
+    run_pair([&] { gr = input_grad(gi2[0], weights[i + 1]); }, [&] { gw[i + 1] = weight_grad(gi2[0], r); });
     auto [gi1, gw1, gb1] =
         bn_relu_dropout_backward_cpu(gr, saved[s + 1], {saved[s + 2]}, {saved[s + 3]}, {bn_weights[j]}, 0.0);
-    gw[i] = weight_grad(gi1[0], h_in);
-    g = input_grad(gi1[0], weights[i]);
-    add_input_grad(g, gi2[1], weights[i + 2]);
+    run_pair([&] { gw[i] = weight_grad(gi1[0], h_in); gw[i + 2] = weight_grad(gi2[1], h_in); },
+             [&] { g = input_grad(gi1[0], weights[i]); add_input_grad(g, gi2[1], weights[i + 2]); });
     // The pre-BN biases cancel in the normalisation: their gradient is exactly zero.
     for (size_t k = 0; k < 3; ++k) gb[i + k] = at::zeros_like(bn_weights[j + k]);
     gbn_w[j] = gw1[0];
@@ -222,9 +259,10 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backwa
     gbn_w[j + 2] = gw2[1];
     gbn_b[j + 2] = gb2[1];
   }
-  gw[0] = weight_grad(g, x);
+  at::Tensor gx;
+  run_pair([&] { gw[0] = weight_grad(g, x); },
+           [&] { gx = compute_input_grad ? input_grad(g, weights[0]) : at::empty({0}, x.options()); });
   gb[0] = bias_grad(g);
-  at::Tensor gx = compute_input_grad ? input_grad(g, weights[0]) : at::empty({0}, x.options());
   return {gw, gb, gbn_w, gbn_b, gx};
 }
 
