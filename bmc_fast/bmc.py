@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .experts import _gen, _losses, adamw, backbone_mode, resolve_parallel, train_experts
+from .experts import _gen, _losses, adamw, backbone_mode, resolve_parallel, scaled, train_experts
 from .memory import Memory
 from .metrics import Result, evaluate
 from .models import ResMLP
@@ -172,13 +172,13 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
         else:
             logits, h = model(x)
             ce = L.task_masked_cross_entropy(logits, y, off, ln)
-        loss = cfg.task_coef * ce
+        loss = scaled(cfg.task_coef, ce)
         if cfg.distill_coef > 0 and not (train and beta is not None):
-            loss = loss + cfg.distill_coef * L.batched_distillation_loss(
-                h.float(), b["features"], b["buffer_id"], j, reduction="mean")
+            loss = loss + scaled(cfg.distill_coef, L.batched_distillation_loss(
+                h.float(), b["features"], b["buffer_id"], j, reduction="mean"))
         if cfg.kd_coef > 0 and "teacher_logits" in b and not (train and beta is not None):
-            loss = loss + cfg.kd_coef * L.task_masked_kd_loss(logits.float(), b["teacher_logits"], b["offset"],
-                                                              b["length"], cfg.kd_temperature)
+            loss = loss + scaled(cfg.kd_coef, L.task_masked_kd_loss(logits.float(), b["teacher_logits"], b["offset"],
+                                                                    b["length"], cfg.kd_temperature))
         return loss
 
     with backbone_mode(model, cfg):

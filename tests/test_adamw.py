@@ -196,3 +196,13 @@ def test_zero_grad(set_to_none):
         assert p.grad is None and q.grad is None
     else:
         assert torch.equal(p.grad, torch.zeros(3)) and torch.equal(q.grad, torch.zeros(2))
+
+
+def test_trainer_picks_the_fused_optimizer_where_it_runs():
+    from bmc_fast.experts import adamw
+
+    cpu = [torch.zeros(3, requires_grad=True)]
+    assert type(adamw(cpu, 1e-3, 0.0)) is AdamW
+    assert type(adamw(cpu, 1e-3, 0.0, fused=False)) is torch.optim.AdamW  # the plain script's optimizer
+    half = [torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)]
+    assert type(adamw(half, 1e-3, 0.0)) is torch.optim.AdamW  # torch's (fused where it can) for other dtypes
