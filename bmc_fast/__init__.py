@@ -10,7 +10,7 @@ from .ops import (
     task_masked_kd_loss,
     weight_stability_loss,
 )
-from . import nn, reference  # noqa: E402
+from . import nn, optim, reference  # noqa: E402
 from .bmc import BMC, BMCConfig  # noqa: E402
 from .metrics import Result  # noqa: E402
 
@@ -27,5 +27,6 @@ __all__ = [
     "BMCConfig",
     "Result",
     "nn",
+    "optim",
     "reference",
 ]

@@ -242,9 +242,10 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backwa
     auto [gi2, gw2, gb2] = bn_relu_dropout_backward_cpu(g, saved[s + 5], {saved[s + 6], saved[s + 7]},
                                                         {saved[s + 8], saved[s + 9]},
                                                         {bn_weights[j + 1], bn_weights[j + 2]}, p[b]);
-    // Two independent matmuls at a time (run_pair): fc2's input gradient (the critical path, on to
-    // bn1's backward) beside fc2's weight gradient, then the short cut's two beside fc1's two.
-    at::Tensor gr, g_short;
+    // Two independent pieces at a time (run_pair): fc2's input gradient (the critical path, on to
+    // bn1's backward) beside fc2's weight gradient; then the weight gradients of fc1 and the short
+    // cut beside the input gradient through both.
+    at::Tensor gr;
     run_pair([&] { gr = input_grad(gi2[0], weights[i + 1]); }, [&] { gw[i + 1] = weight_grad(gi2[0], r); });
     auto [gi1, gw1, gb1] =
         bn_relu_dropout_backward_cpu(gr, saved[s + 1], {saved[s + 2]}, {saved[s + 3]}, {bn_weights[j]}, 0.0);
