@@ -259,8 +259,9 @@ def resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, runnin
     if x.shape[-2] < 2:
         raise ValueError(f"x must have at least 2 rows per model (batch statistics), got shape {list(x.shape)}")
     if not isinstance(weights, (list, tuple)) or len(weights) < 5 or (len(weights) - 2) % 3:
+        got = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
         raise ValueError("weights must be a list of proj, (fc1, fc2, short) per block and head: 2 + 3 * blocks "
-                         f"tensors, got {len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__}")
+                         f"tensors, got {got}")
     nb = (len(weights) - 2) // 3
     models = tuple(x.shape[:-2])  # (K,) stacked, () one model
 
@@ -281,8 +282,8 @@ def resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, runnin
     if bool(running_means) != bool(running_vars):
         raise ValueError("running_means and running_vars must be given together")
     if not isinstance(weights[0], torch.Tensor) or weights[0].dim() != x.dim():
-        raise ValueError(f"weights[0] must have {x.dim()} dimensions like x {list(x.shape)}, got "
-                         f"{list(weights[0].shape) if isinstance(weights[0], torch.Tensor) else type(weights[0]).__name__}")
+        got = list(weights[0].shape) if isinstance(weights[0], torch.Tensor) else type(weights[0]).__name__
+        raise ValueError(f"weights[0] must have {x.dim()} dimensions like x {list(x.shape)}, got {got}")
     width = weights[0].shape[-2]
     param(weights[0], "weights[0]", (width, x.shape[-1]))
     param(biases[0], "biases[0]", (width,))

@@ -50,6 +50,15 @@ def scale_rows(ctx, grad: torch.Tensor, grad_output: torch.Tensor, reduction: st
     return grad.mul_(g) if _graph_is_freed_after_this_backward() else grad * g
 
 
+@torch.no_grad()
+def blend_running_stats(running_means, running_vars, means, variances, momentum: float) -> None:
+    """BatchNorm's running-statistics update from a functional op's batch statistics:
+    ``running = (1 - momentum) * running + momentum * batch``, in place, one foreach call."""
+    if running_means:
+        torch._foreach_lerp_(list(running_means) + list(running_vars), list(means) + list(variances),
+                             float(momentum))
+
+
 def light_call(registration):
     """The op of ``registration`` (name, fake, backward, setup_context) as a function that, in
     eager mode, runs its kernel under a plain :class:`torch.autograd.Function` built from the

@@ -17,7 +17,8 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, weight_decay,
             raise TypeError(f"{name} must be a list of tensors, got {type(lst).__name__}")
         if len(lst) != len(params):
             raise ValueError(f"{name} must hold {len(params)} tensors like params, got {len(lst)}")
-    for name, val, ok, what in (("lr", lr, lambda v: v >= 0, ">= 0"), ("beta1", beta1, lambda v: 0 <= v < 1, "in [0, 1)"),
+    for name, val, ok, what in (("lr", lr, lambda v: v >= 0, ">= 0"),
+                                ("beta1", beta1, lambda v: 0 <= v < 1, "in [0, 1)"),
                                 ("beta2", beta2, lambda v: 0 <= v < 1, "in [0, 1)"),
                                 ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
                                 ("eps", eps, lambda v: v > 0, "> 0")):
@@ -30,7 +31,8 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, weight_decay,
         for name, t in (("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
             if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
                 raise ValueError(f"{name}[{i}] must have the shape, dtype and device of params[{i}] "
-                                 f"({list(p.shape)}, {p.dtype}, {p.device}), got ({list(t.shape)}, {t.dtype}, {t.device})")
+                                 f"({list(p.shape)}, {p.dtype}, {p.device}), "
+                                 f"got ({list(t.shape)}, {t.dtype}, {t.device})")
 
 
 def _fused_ok(params, exp_avgs, exp_avg_sqs) -> bool:

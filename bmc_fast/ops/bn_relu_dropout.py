@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, _validate, reference
+from ._common import blend_running_stats
 
 OP = "bmc_fast::bn_relu_dropout"
 BACKWARD_OP = "bmc_fast::bn_relu_dropout_backward"
@@ -59,10 +60,7 @@ def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=No
     # traced: the registered op, its fake kernel and registered autograd
     out, _, _, _, means, variances = torch.ops.bmc_fast.bn_relu_dropout(
         list(inputs), list(weights), list(biases), list(pre_biases), float(eps), float(p), int(seed))
-    if running_means:
-        with torch.no_grad():
-            torch._foreach_lerp_(list(running_means) + list(running_vars), list(means) + list(variances),
-                                 float(momentum))
+    blend_running_stats(running_means, running_vars, means, variances, momentum)
     return out
 
 
@@ -150,7 +148,6 @@ def bn_relu_dropout_unchecked(inputs, weights, biases, running_means, running_va
     shapes and dtypes), for callers that built the arguments themselves, e.g. the fused ResMLP.
     Lists, not None; running_means/running_vars and pre_biases hold one tensor per input or none."""
     res = _BnReluDropout.apply(len(inputs), eps, p, seed, *inputs, *weights, *biases, *pre_biases)
-    if running_means:
-        with torch.no_grad():
-            torch._foreach_lerp_(running_means + running_vars, list(res[2:]), momentum)
+    n = len(inputs)
+    blend_running_stats(running_means, running_vars, res[2:2 + n], res[2 + n:], momentum)
     return res[0]

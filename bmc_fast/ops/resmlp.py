@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, _validate, reference
+from ._common import blend_running_stats
 from .bn_relu_dropout import new_seed
 
 OP = "bmc_fast::resmlp_forward"
@@ -52,9 +53,7 @@ def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, runnin
                                 running_vars, float(momentum), float(eps), p, seeds)
     logits, features, _, means, variances = torch.ops.bmc_fast.resmlp_forward(
         x, list(weights), list(biases), list(bn_weights), list(bn_biases), float(eps), p, seeds)
-    if running_means:
-        with torch.no_grad():
-            torch._foreach_lerp_(running_means + running_vars, list(means) + list(variances), float(momentum))
+    blend_running_stats(running_means, running_vars, means, variances, momentum)
     return logits, features
 
 
@@ -75,8 +74,9 @@ def _saved_like(x, weights):
 
 def _fake(x, weights, biases, bn_weights, bn_biases, eps, p, seeds):
     lead = tuple(x.shape[:-1])
+    stats = lambda: [torch.empty_like(w) for w in bn_weights]  # noqa: E731
     return (x.new_empty(lead + (weights[-1].shape[-2],)), x.new_empty(lead + (weights[-1].shape[-1],)),
-            _saved_like(x, weights), [torch.empty_like(w) for w in bn_weights], [torch.empty_like(w) for w in bn_weights])
+            _saved_like(x, weights), stats(), stats())
 
 
 def _backward_fake(grad_logits, grad_features, x, features, weights, bn_weights, saved, p, compute_input_grad):
@@ -144,7 +144,6 @@ def resmlp_unchecked(x, weights, biases, bn_weights, bn_biases, running_means, r
     shapes and dtypes), for callers that built the arguments themselves (the fused ResMLP).
     Lists, not None; p and seeds one per block; running_* one per BatchNorm or empty."""
     res = _ResMLP.apply(len(weights), len(bn_weights), eps, p, seeds, x, *weights, *biases, *bn_weights, *bn_biases)
-    if running_means:
-        with torch.no_grad():
-            torch._foreach_lerp_(running_means + running_vars, list(res[2:]), momentum)
+    nbn = len(bn_weights)
+    blend_running_stats(running_means, running_vars, res[2:2 + nbn], res[2 + nbn:], momentum)
     return res[0], res[1]
