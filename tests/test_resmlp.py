@@ -22,6 +22,7 @@ def make(k, b, dims, dtype=torch.float32, grad=True):
     bn_biases, running_means, running_vars)."""
     torch.manual_seed(1234 + b)  # fixed data: a ReLU input within rounding of 0 flips a mask bit
     lead = () if k is None else (k,)
+
     def t(*s, scale=1.0, shift=0.0):
         return (torch.randn(*lead, *s, dtype=dtype) * scale + shift).requires_grad_(grad)
 
