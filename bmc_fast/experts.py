@@ -144,23 +144,22 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, 
     stab = use_stability and cfg.stability_coef > 0
     base_flat = flat_params(frozen).detach() if stab and cfg.stability == "weight" else None
 
-    # Row s of every task as one index_select over the [K * N] rows (advanced indexing
-    # x_pad[rows, idx] costs ~3x more at these sizes).
+    # Step s's rows of every task as one index_select over the [K * N] rows of a [K, N, ...]
+    # tensor (advanced indexing t[rows, idx[:, s]] costs ~3x more at these sizes).
     flat_idx = (torch.arange(k, device=device)[:, None, None] * x_pad.shape[1] + idx).transpose(0, 1).contiguous()
-    x_rows, y_rows = x_pad.view((-1,) + x_pad.shape[2:]), y_pad.view(-1)
+
+    def rows_of_step(t, s):  # [K, N, ...] -> [K, B, ...]
+        return torch.index_select(t.view((-1,) + t.shape[2:]), 0, flat_idx[s].view(-1)).view((k, -1) + t.shape[2:])
 
     def batch(s):
-        i = flat_idx[s].view(-1)
-        return (torch.index_select(x_rows, 0, i).view((k, -1) + x_pad.shape[2:]),
-                torch.index_select(y_rows, 0, i).view(k, -1))
+        return rows_of_step(x_pad, s), rows_of_step(y_pad, s)
 
     table = (_base_feature_table(frozen, x_pad, sizes, cfg.base_feature_table_mb)
              if stab and cfg.stability == "feature" and cfg.base_feature_table_mb > 0 else None)
 
     def base_features(xb, s):  # [K, B, ...] -> [K, B, F], the frozen base on the same batches
         if table is not None:
-            return torch.index_select(table.view((-1,) + table.shape[2:]), 0, flat_idx[s].view(-1)).view(
-                (k, -1) + table.shape[2:])
+            return rows_of_step(table, s)
         with torch.no_grad():
             return frozen(xb.reshape((-1,) + xb.shape[2:]))[1].view(xb.shape[0], xb.shape[1], -1)
 

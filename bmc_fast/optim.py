@@ -16,7 +16,7 @@ __all__ = ["AdamW"]
 
 
 class _GroupCache:
-    __slots__ = ("params", "exp_avgs", "exp_avg_sqs", "step", "step_tensor")
+    __slots__ = ("params", "exp_avgs", "exp_avg_sqs", "step")  # step: the group's shared step tensor
 
 
 class AdamW(torch.optim.Optimizer):
@@ -69,10 +69,9 @@ class AdamW(torch.optim.Optimizer):
         c.params = list(params)
         c.exp_avgs = [self.state[p]["exp_avg"] for p in params]
         c.exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-        c.step = int(steps.pop())
-        c.step_tensor = torch.tensor(float(c.step))
+        c.step = torch.tensor(steps.pop())
         for p in params:
-            self.state[p]["step"] = c.step_tensor
+            self.state[p]["step"] = c.step
         self._caches[gi] = c
         return c
 
@@ -119,6 +118,5 @@ class AdamW(torch.optim.Optimizer):
                                          int(st["step"]))
                 continue
             c.step += 1
-            c.step_tensor.fill_(c.step)
-            adamw_step_unchecked(params, grads, c.exp_avgs, c.exp_avg_sqs, lr, b1, b2, wd, eps, c.step)
+            adamw_step_unchecked(params, grads, c.exp_avgs, c.exp_avg_sqs, lr, b1, b2, wd, eps, int(c.step))
         return loss
