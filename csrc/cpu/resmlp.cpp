@@ -77,10 +77,11 @@ bool pairing_enabled() {
 // at::parallel_for run single-threaded, so each matmul gets a whole core: at the trainer's sizes
 // (64 rows) that beats splitting every matmul over two threads one after the other, whose
 // parallel regions are short and synchronise often. The callers' thread-local state (autograd
-// exclusion, grad mode) is replicated into the worker.
+// exclusion, grad mode) is replicated into the worker. Only with exactly two threads: with more,
+// each matmul would be held to one thread while the rest idle (no nested parallelism).
 template <typename F1, typename F2>
 void run_pair(F1&& f1, F2&& f2) {
-  if (!pairing_enabled() || at::get_num_threads() < 2 || at::in_parallel_region()) {
+  if (!pairing_enabled() || at::get_num_threads() != 2 || at::in_parallel_region()) {
     f1();
     f2();
     return;
