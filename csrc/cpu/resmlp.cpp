@@ -78,10 +78,12 @@ bool pairing_enabled() {
 // (64 rows) that beats splitting every matmul over two threads one after the other, whose
 // parallel regions are short and synchronise often. The callers' thread-local state (autograd
 // exclusion, grad mode) is replicated into the worker. Only with exactly two threads: with more,
-// each matmul would be held to one thread while the rest idle (no nested parallelism).
+// each matmul would be held to one thread while the rest idle (no nested parallelism). Only for
+// one model (`stacked` false): a batched matmul over K stacked models already runs whole models'
+// GEMMs on each thread, and pairing two of them was ~6% slower (K = 4, B = 64, Zen 1).
 template <typename F1, typename F2>
-void run_pair(F1&& f1, F2&& f2) {
-  if (!pairing_enabled() || at::get_num_threads() != 2 || at::in_parallel_region()) {
+void run_pair(bool stacked, F1&& f1, F2&& f2) {
+  if (stacked || !pairing_enabled() || at::get_num_threads() != 2 || at::in_parallel_region()) {
     f1();
     f2();
     return;
@@ -170,6 +172,7 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forwa
   const size_t nb = check_model(x, weights, biases, bn_weights, bn_biases);
   check_list(p.size(), nb, "p", "values (one dropout probability per block)");
   check_list(seeds.size(), nb, "seeds", "values (one dropout seed per block)");
+  const bool stacked = x.dim() == 3;
   TensorVec saved, means, vars;
   saved.reserve(kSavedPerBlock * nb);
   at::Tensor h = linear(x, weights[0], &biases[0]);
@@ -177,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forwa
     const size_t i = 1 + 3 * b, j = 3 * b;
     saved.push_back(h);  // the block's input
     at::Tensor a1, as;
-    run_pair([&] { a1 = linear(h, weights[i], nullptr); }, [&] { as = linear(h, weights[i + 2], nullptr); });
+    run_pair(stacked, [&] { a1 = linear(h, weights[i], nullptr); }, [&] { as = linear(h, weights[i + 2], nullptr); });
     auto [r, mask1, xhat1, invstd1, mean1, var1] =
         bn_relu_dropout_cpu({a1}, {bn_weights[j]}, {bn_biases[j]}, {biases[i]}, eps, 0.0, 0);
     const at::Tensor a2 = linear(r, weights[i + 1], nullptr);
@@ -224,10 +227,11 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backwa
   }
 
   const size_t nw = weights.size();
+  const bool stacked = head.dim() == 3;
   TensorVec gw(nw), gb(nw), gbn_w(3 * nb), gbn_b(3 * nb);
   at::Tensor g;  // d loss / d (the current block's output)
   if (has_gl) {
-    run_pair([&] { gw[nw - 1] = weight_grad(*grad_logits, features); },
+    run_pair(stacked, [&] { gw[nw - 1] = weight_grad(*grad_logits, features); },
              [&] { g = input_grad(*grad_logits, head); });
     gb[nw - 1] = bias_grad(*grad_logits);
     if (has_gf) g.add_(*grad_features);
@@ -247,10 +251,10 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backwa
     // bn1's backward) beside fc2's weight gradient; then the weight gradients of fc1 and the short
     // cut beside the input gradient through both.
     at::Tensor gr;
-    run_pair([&] { gr = input_grad(gi2[0], weights[i + 1]); }, [&] { gw[i + 1] = weight_grad(gi2[0], r); });
+    run_pair(stacked, [&] { gr = input_grad(gi2[0], weights[i + 1]); }, [&] { gw[i + 1] = weight_grad(gi2[0], r); });
     auto [gi1, gw1, gb1] =
         bn_relu_dropout_backward_cpu(gr, saved[s + 1], {saved[s + 2]}, {saved[s + 3]}, {bn_weights[j]}, 0.0);
-    run_pair([&] { gw[i] = weight_grad(gi1[0], h_in); gw[i + 2] = weight_grad(gi2[1], h_in); },
+    run_pair(stacked, [&] { gw[i] = weight_grad(gi1[0], h_in); gw[i + 2] = weight_grad(gi2[1], h_in); },
              [&] { g = input_grad(gi1[0], weights[i]); add_input_grad(g, gi2[1], weights[i + 2]); });
     // The pre-BN biases cancel in the normalisation: their gradient is exactly zero.
     for (size_t k = 0; k < 3; ++k) gb[i + k] = at::zeros_like(bn_weights[j + k]);
@@ -262,7 +266,7 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backwa
     gbn_b[j + 2] = gb2[1];
   }
   at::Tensor gx;
-  run_pair([&] { gw[0] = weight_grad(g, x); },
+  run_pair(stacked, [&] { gw[0] = weight_grad(g, x); },
            [&] { gx = compute_input_grad ? input_grad(g, weights[0]) : at::empty({0}, x.options()); });
   gb[0] = bias_grad(g);
   return {gw, gb, gbn_w, gbn_b, gx};
