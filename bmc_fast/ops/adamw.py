@@ -63,10 +63,16 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr: float, beta1: float = 0
 def adamw_step_unchecked(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, weight_decay, eps, step):
     """:func:`adamw_step` without the Python argument checks (lists of tensors, Python numbers)."""
     if _fused_ok(params, exp_avgs, exp_avg_sqs):
-        torch.ops.bmc_fast.adamw_step.default(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, weight_decay,
-                                              eps, step)
+        adamw_step_kernel(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, weight_decay, eps, step)
     else:
         reference.adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, weight_decay, eps, step)
+
+
+def adamw_step_kernel(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, weight_decay, eps, step):
+    """The fused kernel itself, for callers that know its preconditions hold (``_fused_ok``);
+    it checks them again and raises if they do not."""
+    torch.ops.bmc_fast.adamw_step.default(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, weight_decay, eps,
+                                          step)
 
 
 def _fake(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, weight_decay, eps, step):
