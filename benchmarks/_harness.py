@@ -33,13 +33,27 @@ def git_commit() -> str:
 
 
 def cpu_name() -> str:
+    """The CPU's model name, with its family/model numbers and the kernel build bmc_fast runs
+    (AVX2 / AVX-512 / default): "AMD EPYC" alone named both a Zen 1 and a Zen 4 machine here."""
+    info = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, val = line.partition(":")
+            info.setdefault(key.strip(), val.strip())
+            if not line.strip():
+                break  # the first processor is enough
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = info.get("model name") or platform.processor() or "unknown"
+    extra = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info and "model" in info else []
+    try:
+        import bmc_fast
+        cap = bmc_fast.backend_info().get("cpu_capability")
+        if cap:
+            extra.append(f"bmc_fast {cap} kernels")
+    except Exception:  # noqa: BLE001 - a name for a table; never fail a benchmark over it
+        pass
+    return f"{name} ({', '.join(extra)})" if extra else name
 
 
 def _time_copy(nbytes: int, threads: int, reps: int = 15, best: bool = False) -> float:
