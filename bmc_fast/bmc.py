@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .experts import _gen, _losses, adamw, backbone_mode, resolve_parallel, scaled, train_experts
+from .experts import _gen, _losses, adamw, backbone_mode, resolve_parallel, scaled, train_experts, train_forward
 from .memory import Memory
 from .metrics import Result, evaluate
 from .models import ResMLP
@@ -157,8 +157,11 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
     # ("seen"): only the latter teaches the head to tell tasks apart (class-IL).
     seen = max(b.offset + b.length for b in memory.buffers)
 
+    fwd = model  # the training forward: set once the first batch shows the inputs (train_forward)
+
     def loss_of(b, train: bool):
         x, y = b["x"], b["y"]
+        model_fn = fwd if train else model
         if cfg.consolidation_ce == "seen":
             off, ln = torch.zeros_like(b["offset"]), torch.full_like(b["length"], seen)
         else:
@@ -166,11 +169,11 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
         if train and beta is not None:
             lam = float(beta.sample())
             perm = torch.randperm(x.shape[0], generator=gen).to(device)
-            logits, h = model(lam * x + (1 - lam) * x[perm])
+            logits, h = model_fn(lam * x + (1 - lam) * x[perm])
             ce = lam * L.task_masked_cross_entropy(logits, y, off, ln) + \
                 (1 - lam) * L.task_masked_cross_entropy(logits, y[perm], off[perm], ln[perm])
         else:
-            logits, h = model(x)
+            logits, h = model_fn(x)
             ce = L.task_masked_cross_entropy(logits, y, off, ln)
         loss = scaled(cfg.task_coef, ce)
         if cfg.distill_coef > 0 and not (train and beta is not None):
@@ -185,7 +188,10 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
         for epoch in range(cfg.consolidation_epochs):
             model.train()
             for idx in train_mem.balanced_indices(cfg.consolidation_batch_size, gen):
-                loss = loss_of(train_mem.batch(idx, num_classes, device), True)
+                b = train_mem.batch(idx, num_classes, device)
+                if fwd is model:
+                    fwd = train_forward(model, cfg, b["x"])
+                loss = loss_of(b, True)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
