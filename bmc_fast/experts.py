@@ -284,7 +284,8 @@ def _train_each(base, frozen, batch, base_features, base_flat, k, steps, off, ln
             m.fused = m.fused and cfg.fused_backbone
     opts = [adamw(m.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer) for m in members]
     bsz = cfg.batch_size
-    fwds = [train_forward(m, cfg, batch(0)[0][i]) for i, m in enumerate(members)] if steps else members
+    x0 = batch(0)[0] if steps else None
+    fwds = [train_forward(m, cfg, x0[i]) for i, m in enumerate(members)] if steps else members
     streams = [torch.cuda.Stream(device=device) for _ in range(k)] if mode == "streams" else None
     finals = [float("nan")] * k
     torch.manual_seed(hash((seed, 2)) % (2**62))

@@ -125,7 +125,14 @@ class AdamW(torch.optim.Optimizer):
             c.count += 1
             step = int(c.count)
             if c.fused:
-                adamw_step_kernel(params, grads, c.exp_avgs, c.exp_avg_sqs, lr, b1, b2, wd, eps, step)
-            else:
-                adamw_step_unchecked(params, grads, c.exp_avgs, c.exp_avg_sqs, lr, b1, b2, wd, eps, step)
+                try:
+                    adamw_step_kernel(params, grads, c.exp_avgs, c.exp_avg_sqs, lr, b1, b2, wd, eps, step)
+                    continue
+                except (RuntimeError, TypeError, ValueError):  # the kernel checks all before it writes
+                    c.fused = _fused_ok(params, c.exp_avgs, c.exp_avg_sqs)
+                    if c.fused:  # the preconditions still hold: a real error (say, a bad gradient)
+                        c.count -= 1
+                        raise
+            # parameters moved to another device or made non-contiguous since the cache was built
+            adamw_step_unchecked(params, grads, c.exp_avgs, c.exp_avg_sqs, lr, b1, b2, wd, eps, step)
         return loss

@@ -177,6 +177,23 @@ def test_state_dicts_load_both_ways_and_mixed_steps_work():
     assert [float(o3.state[p]["step"]) for p in a] == [6.0, 6.0, 5.0]
 
 
+def test_optimizer_follows_parameters_changed_after_the_cache_was_built():
+    """The kernel's preconditions are checked once per cached group; a parameter made
+    non-contiguous later must still be stepped correctly (by the reference), not rejected."""
+    a, b, o1, o2 = _pair(lr=1e-2, weight_decay=0.1)
+    for s in range(6):
+        if s == 2:
+            for x in a + b:
+                x.data = x.data.t().contiguous().t() if x.dim() == 2 else x.data
+        for x, y, gi in zip(a, b, grads(torch.float32, s, shapes=[(40, 30), (30,), (1,)])):
+            x.grad, y.grad = gi.clone(), gi.clone()
+        o1.step(), o2.step()
+    assert not a[0].is_contiguous()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert float(o1.state[a[0]]["step"]) == 6.0
+
+
 def test_optimizer_rejects_bad_hyperparameters():
     p = [torch.zeros(2, requires_grad=True)]
     for kw, match in ((dict(lr=-1), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=0), "eps"),
