@@ -76,6 +76,9 @@ a = [torch.randn(3, 9, 70) for _ in range(2)]; w = [torch.rand(3, 70) + 0.5 for 
 out, mask, *_ = torch.ops.bmc_fast.bn_relu_dropout(a, w, [torch.randn(3, 70) for _ in range(2)], [], 1e-5, 0.3, 5)
 grads = torch.ops.bmc_fast.bn_relu_dropout_backward(torch.randn(3, 9, 70), mask, a, w, w, 0.3)
 vals += [out.square().sum(), mask.sum().double(), sum(g.square().sum() for gs in grads for g in gs)]
+p, g, m, v = torch.randn(20000), torch.randn(20000), torch.randn(20000) * 0.1, torch.rand(20000) * 0.01
+torch.ops.bmc_fast.adamw_step([p], [g], [m], [v], 1e-2, 0.9, 0.999, 0.1, 1e-8, 3)
+vals += [p.square().sum(), m.square().sum(), v.sum()]
 print(bmc_fast.backend_info()["cpu_capability"], *[f"{v.item():.6e}" for v in vals])
 """
     a = _run(code)
