@@ -71,7 +71,7 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     bmc = BMC(cfg)
     if args.distributed:
-        from .distributed import DistributedError, exit_after_failure, fit_distributed, shutdown
+        from .distributed import DistributedError, exit_after_failure, finish, fit_distributed
 
         rank = int(os.environ.get("RANK", "0"))
         try:
@@ -80,9 +80,8 @@ def _run(args) -> int:
         except DistributedError as exc:
             print(f"bmc-fast: {exc}", file=sys.stderr)
             exit_after_failure(3)
-        shutdown()
         if rank != 0:
-            return 0
+            finish(0)  # ends the process (the gloo teardown can abort one that finished its work)
     else:
         res = bmc.fit(stream, checkpoint_dir=args.checkpoint_dir, resume=args.resume, events=emit)
     res.method = "bmc" if args.preset == "paper" else "bmc-parity"
@@ -103,6 +102,8 @@ def _run(args) -> int:
     say("")
     say(_table(results))
     say(f"\nresults written to {out}/" + (f" (plot: {plot})" if plot else ""))
+    if args.distributed:
+        finish(0)
     return 0
 
 

@@ -58,7 +58,7 @@ except Exception as exc:
     D.exit_after_failure(5)
 if rank == 0:
     res.save(out)
-D.shutdown()
+D.finish(0)
 """
 
 
@@ -165,3 +165,15 @@ def test_missing_data_on_one_rank_is_reported_by_every_rank(tmp_path):
     assert [rc for rc, _, _ in outs] == [3, 3], outs
     for _, _, err in outs:
         assert "loading the data failed on rank 1" in err and "index.json" in err
+
+
+def test_the_cli_runs_distributed_and_both_ranks_exit_cleanly(tmp_path):
+    # The user's command (torchrun ... -m bmc_fast run --distributed): both ranks end with exit
+    # code 0 (through distributed.finish) and rank 0 writes the results.
+    cli = [sys.executable, "-m", "bmc_fast", "run", "--distributed", "--experts", "2", "--epochs", "1",
+           "--consolidation-epochs", "1", "--no-baselines", "--timeout", "120", "--out", str(tmp_path / "o")]
+    outs = _spawn(lambda rank: cli)
+    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    res = Result.load(tmp_path / "o" / "bmc.json")
+    assert res.cil_matrix.shape == (5, 5) and 0.0 < res.final_cil_accuracy <= 1.0
+    assert "results written to" in outs[0][1]
