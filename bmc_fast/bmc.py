@@ -157,7 +157,7 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
     # ("seen"): only the latter teaches the head to tell tasks apart (class-IL).
     seen = max(b.offset + b.length for b in memory.buffers)
 
-    fwd = model  # the training forward: set once the first batch shows the inputs (train_forward)
+    fwd = None  # the training forward, resolved once from the first batch (train_forward)
 
     def loss_of(b, train: bool):
         x, y = b["x"], b["y"]
@@ -189,7 +189,7 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
             model.train()
             for idx in train_mem.balanced_indices(cfg.consolidation_batch_size, gen):
                 b = train_mem.batch(idx, num_classes, device)
-                if fwd is model:
+                if fwd is None:
                     fwd = train_forward(model, cfg, b["x"])
                 loss = loss_of(b, True)
                 opt.zero_grad(set_to_none=True)
