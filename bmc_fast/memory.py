@@ -172,18 +172,18 @@ class Memory:
         full head (zeros outside each row's range, which the masked KD loss never reads)."""
         # index_select, not t[idx]: advanced indexing costs ~3x more at minibatch sizes
         idx = idx.reshape(-1)
+        off, ln = torch.index_select(self.offset, 0, idx), torch.index_select(self.length, 0, idx)
         out = {
             "x": torch.index_select(self.x, 0, idx).to(device, non_blocking=True),
             "y": torch.index_select(self.y, 0, idx).to(device),
-            "offset": torch.index_select(self.offset, 0, idx).to(device),
-            "length": torch.index_select(self.length, 0, idx).to(device),
+            "offset": off.to(device),
+            "length": ln.to(device),
             "features": torch.index_select(self.features, 0, idx).to(device).float(),
             "buffer_id": torch.index_select(self.buffer_id, 0, idx).to(device),
         }
         if self.logits is not None:
-            compact = self.logits[idx].float()
+            compact = torch.index_select(self.logits, 0, idx).float()
             full = torch.zeros(len(idx), num_classes)
-            off, ln = self.offset[idx], self.length[idx]
             cols = off[:, None] + torch.arange(compact.shape[1])[None]
             mask = torch.arange(compact.shape[1])[None] < ln[:, None]
             rows = torch.arange(len(idx))[:, None].expand_as(cols)

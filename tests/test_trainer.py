@@ -197,6 +197,21 @@ def test_memory_quotas_and_balanced_sampler():
             assert torch.equal(before[tuple(x.tolist())], f)
 
 
+def test_memory_batch_lays_teacher_logits_over_the_full_head():
+    bufs = [Buffer(torch.randn(n, 4), torch.full((n,), o), o, ln, torch.randn(n, 3), torch.randn(n, ln), task=i)
+            for i, (n, o, ln) in enumerate([(5, 0, 2), (4, 2, 3)])]
+    mem = Memory()
+    mem.add(bufs, 9, torch.Generator().manual_seed(0))
+    idx = torch.tensor([[8, 0, 6, 3]])
+    b = mem.batch(idx, 6, "cpu")
+    for r, i in enumerate(idx[0].tolist()):
+        o, ln = int(mem.offset[i]), int(mem.length[i])
+        want = torch.zeros(6)
+        want[o:o + ln] = mem.logits[i, :ln].float()
+        assert torch.equal(b["teacher_logits"][r], want)
+        assert (int(b["offset"][r]), int(b["length"][r])) == (o, ln) and torch.equal(b["x"][r], mem.x[i])
+
+
 RUN = """
 import os, sys, json, torch
 import bmc_fast

@@ -11,9 +11,9 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
-#include <memory>
 #include <array>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "../common/dropout_hash.h"
