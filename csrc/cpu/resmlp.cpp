@@ -266,8 +266,12 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backwa
     gbn_b[j + 2] = gb2[1];
   }
   at::Tensor gx;
-  run_pair(stacked, [&] { gw[0] = weight_grad(g, x); },
-           [&] { gx = compute_input_grad ? input_grad(g, weights[0]) : at::empty({0}, x.options()); });
+  if (compute_input_grad) {
+    run_pair(stacked, [&] { gw[0] = weight_grad(g, x); }, [&] { gx = input_grad(g, weights[0]); });
+  } else {  // one matmul: all threads on it (a pair would leave one thread idle)
+    gw[0] = weight_grad(g, x);
+    gx = at::empty({0}, x.options());
+  }
   gb[0] = bias_grad(g);
   return {gw, gb, gbn_w, gbn_b, gx};
 }
