@@ -92,6 +92,21 @@ def test_matches_reference(dtype, case, p):
                                        msg=lambda m, i=i: f"gradient {i}: {m}")
 
 
+@pytest.mark.parametrize("k", [None, 3])
+def test_parameter_gradients_without_an_input_gradient(k):
+    # Training never wants d/dx: the backward then computes the input layer's weight gradient
+    # alone (another matmul schedule than beside the input gradient); same values either way.
+    x, w, bs, bw, bb, _, _ = make(k, 64, (48, 32, 64, 10))
+    params = w + bs + bw + bb
+    out = resmlp(x, w, bs, bw, bb, p=[0.3], seeds=[4])
+    gl, gf = torch.randn_like(out[0]), torch.randn_like(out[1])
+    loss = lambda o: (o[0] * gl).sum() + (o[1] * gf).sum()  # noqa: E731
+    with_x = torch.autograd.grad(loss(out), [x] + params)[1:]
+    without_x = torch.autograd.grad(loss(resmlp(x.detach(), w, bs, bw, bb, p=[0.3], seeds=[4])), params)
+    for i, (a, b) in enumerate(zip(with_x, without_x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
 @pytest.mark.parametrize("which", ["logits", "features"])
 def test_gradient_of_one_output(which):
     x, w, bs, bw, bb, _, _ = make(2, 8, (6, 5, 8, 8, 3))
