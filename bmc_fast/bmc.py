@@ -20,7 +20,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .experts import _gen, _losses, adamw, backbone_mode, resolve_parallel, scaled, train_experts, train_forward
 from .memory import Memory
 from .metrics import Result, evaluate
-from .models import ResMLP
+from .models import ResMLP, fused_args
+from .train_step import fused_train_step
 
 __all__ = ["BMCConfig", "BMC", "consolidate"]
 
@@ -60,6 +61,7 @@ class BMCConfig:
     losses: str = "fused"             # "fused" | "reference"
     fused_backbone: bool = True       # the default ResMLP trains through the fused CPU kernels
     fused_optimizer: bool = True      # bmc_fast.optim.AdamW (CPU) / torch's fused (CUDA); False: default loop
+    fused_step: bool = True           # with all three fused: a whole CPU training step in one C++ call
     base_feature_table_mb: float = 256  # base features of all samples precomputed up to this size (0: per step)
     device: str = "cpu"
     seed: int = 0
@@ -95,7 +97,7 @@ class BMCConfig:
             raise ValueError(f"BMCConfig.buffer_dtype must be 'float32' or 'float16', got {self.buffer_dtype!r}")
         if self.consolidation_ce not in ("seen", "task"):
             raise ValueError(f"BMCConfig.consolidation_ce must be 'seen' or 'task', got {self.consolidation_ce!r}")
-        for name in ("fused_backbone", "fused_optimizer"):
+        for name in ("fused_backbone", "fused_optimizer", "fused_step"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BMCConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.losses not in ("fused", "reference"):
@@ -158,6 +160,7 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
     seen = max(b.offset + b.length for b in memory.buffers)
 
     fwd = None  # the training forward, resolved once from the first batch (train_forward)
+    fstep = None  # the whole step in one call, where it applies (bmc_fast.train_step)
 
     def loss_of(b, train: bool):
         x, y = b["x"], b["y"]
@@ -184,6 +187,16 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
                                                                     b["length"], cfg.kd_temperature))
         return loss
 
+    def fused_loss(step, b):  # loss_of(b, True) + backward + opt.step() in one call (no mixup)
+        if cfg.consolidation_ce == "seen":
+            off, ln = torch.zeros_like(b["offset"]), torch.full_like(b["length"], seen)
+        else:
+            off, ln = b["offset"], b["length"]
+        distill = (b["features"], b["buffer_id"], j, cfg.distill_coef) if cfg.distill_coef > 0 else None
+        kd = ((b["teacher_logits"], b["offset"], b["length"], cfg.kd_temperature, cfg.kd_coef)
+              if cfg.kd_coef > 0 and "teacher_logits" in b else None)
+        return step(b["x"], b["y"], off, ln, cfg.task_coef, "mean", distill=distill, kd=kd)
+
     with backbone_mode(model, cfg):
         for epoch in range(cfg.consolidation_epochs):
             model.train()
@@ -191,10 +204,15 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
                 b = train_mem.batch(idx, num_classes, device)
                 if fwd is None:
                     fwd = train_forward(model, cfg, b["x"])
-                loss = loss_of(b, True)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                    if beta is None and fwd is not model:
+                        fstep = fused_train_step(model, fused_args(model), opt, b["x"], cfg)
+                if fstep is not None:
+                    loss = fused_loss(fstep, b)
+                else:
+                    loss = loss_of(b, True)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
                 last = float(loss.detach()) if bar is None else last
                 if bar is not None:
                     bar.update(1)

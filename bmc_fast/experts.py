@@ -33,6 +33,7 @@ from . import _ext
 from .memory import Buffer
 from .models import ResMLP, fused_args, fused_path_available, resmlp_train_forward
 from .optim import AdamW
+from .train_step import fused_train_step
 
 __all__ = ["ExpertArtifact", "train_experts", "flat_params", "expert_batches", "resolve_parallel"]
 
@@ -240,8 +241,11 @@ def _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off,
     skeleton = copy.deepcopy(base).to("meta").train()  # whatever mode the base was left in
     opt = adamw(params.values(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
 
+    fstep = None  # the whole step in one call, where it applies (bmc_fast.train_step)
     if _fused_backbone(base, cfg, batch(0)[0][0]):
         lists = fused_args(skeleton, params, buffers)  # the same tensors every step: built once
+        if not (stab and cfg.stability == "weight"):
+            fstep = fused_train_step(skeleton, lists, opt, batch(0)[0], cfg)
 
         def batched(p, b, x):  # the default ResMLP: K models in one fused op call
             return resmlp_train_forward(skeleton, lists, x)
@@ -257,6 +261,13 @@ def _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off,
     torch.manual_seed(hash((seed, 2)) % (2**62))
     for s in range(steps):
         xb, yb = batch(s)
+        if fstep is not None:  # _step_loss + backward + opt.step() in one call
+            hb = base_features(xb, s) if stab else None
+            loss_val = fstep(xb, yb.reshape(-1), off_rows, ln_rows, cfg.task_coef / bsz, "sum",
+                             stability=None if hb is None else (hb, cfg.stability_coef))
+            if progress is not None:
+                progress.update(1)
+            continue
         logits, feats = batched(params, buffers, xb)
         hb = base_features(xb, s) if stab and cfg.stability == "feature" else None
         ef = torch.cat([p.reshape(k, -1) for p in params.values()], 1) if stab and cfg.stability == "weight" else None
@@ -286,11 +297,18 @@ def _train_each(base, frozen, batch, base_features, base_flat, k, steps, off, ln
     bsz = cfg.batch_size
     x0 = batch(0)[0] if steps else None
     fwds = [train_forward(m, cfg, x0[i]) for i, m in enumerate(members)] if steps else members
+    # The whole step in one call where it applies (bmc_fast.train_step): not with weight stability.
+    fsteps = [fused_train_step(m, fused_args(m), o, x0[i], cfg)
+              if f is not m and mode != "streams" and not (stab and cfg.stability == "weight") else None
+              for i, (m, o, f) in enumerate(zip(members, opts, fwds))] if steps else [None] * k
     streams = [torch.cuda.Stream(device=device) for _ in range(k)] if mode == "streams" else None
     finals = [float("nan")] * k
     torch.manual_seed(hash((seed, 2)) % (2**62))
 
     def one(i, xb, yb, hb):
+        if fsteps[i] is not None:
+            return fsteps[i](xb[i], yb[i], off[i].expand(bsz), ln[i].expand(bsz), cfg.task_coef / bsz, "sum",
+                             stability=None if hb is None else (hb[i:i + 1], cfg.stability_coef))
         logits, feats = fwds[i](xb[i])
         ef = flat_params(members[i])[None] if stab and cfg.stability == "weight" else None
         loss = _step_loss(logits, feats, yb[i], off[i].expand(bsz), ln[i].expand(bsz),

@@ -1,0 +1,192 @@
+"""The whole training step in one C++ call (bmc_fast.train_step) against the autograd path."""
+import pytest
+import torch
+
+from bmc_fast import _ext
+from bmc_fast.bmc import BMCConfig, consolidate
+from bmc_fast.data import Task, TaskStream
+from bmc_fast.experts import adamw, train_experts
+from bmc_fast.memory import Memory
+from bmc_fast.models import ResMLP, fused_args
+from bmc_fast.optim import AdamW
+from bmc_fast.train_step import fused_train_step
+
+pytestmark = pytest.mark.skipif(not _ext.HAVE_EXTENSION, reason="needs the compiled extension")
+
+
+def make_stream(k=3, n=96, d=12, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in range(k):
+        centers = torch.randn(c, d, generator=g) * 2
+        y = torch.randint(0, c, (n,), generator=g)
+        x = centers[y] + torch.randn(n, d, generator=g)
+        tasks.append(Task(f"t{t}", x, y, x[:20], y[:20], c))
+    return TaskStream(tasks)
+
+
+def run(stream, fused_step, **over):
+    """Experts on every task, then a consolidation; returns (artifacts, consolidated base)."""
+    opts = dict(n_experts=len(stream), epochs=2, batch_size=16, consolidation_epochs=2, consolidation_batch_size=16,
+                buffer_size=48, memory_size=120, keep_expert_states=True, progress=False, fused_step=fused_step)
+    opts.update(over)
+    cfg = BMCConfig(**opts)
+    torch.manual_seed(0)
+    base = ResMLP(stream.input_dim, stream.num_classes, hidden=8, width=16)
+    arts = train_experts(base, stream, list(range(len(stream))), cfg, seed=3, use_stability=True)
+    mem = Memory()
+    mem.add([a.buffer for a in arts], cfg.memory_size, torch.Generator().manual_seed(0))
+    consolidate(base, mem, cfg, stream.num_classes, seed=3)
+    return arts, base
+
+
+def assert_same(a, b):
+    arts_a, base_a = a
+    arts_b, base_b = b
+    for x, y in zip(arts_a, arts_b):
+        assert x.final_loss == pytest.approx(y.final_loss, rel=1e-5, abs=1e-6)
+        for name in x.state:
+            torch.testing.assert_close(x.state[name], y.state[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=name: f"expert {x.task} {n}: {m}")
+        torch.testing.assert_close(x.buffer.features, y.buffer.features, rtol=1e-5, atol=1e-5)
+    sa, sb = base_a.state_dict(), base_b.state_dict()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"base {n}: {m}")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the fused steps taken (so a test knows the fused path ran)."""
+    import bmc_fast.train_step as ts
+
+    n = [0]
+    real = ts.FusedTrainStep.__call__
+
+    def counted(self, *a, **k):
+        n[0] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ts.FusedTrainStep, "__call__", counted)
+    return n
+
+
+@pytest.mark.parametrize("parallel", ["stacked", "sequential"])
+def test_fused_step_trains_what_the_autograd_step_trains(parallel, calls):
+    stream = make_stream()
+    fused = run(stream, True, parallel=parallel)
+    # 3 tasks x 2 epochs x 96 / 16 expert steps (one call for the stack, or one per expert), then
+    # 2 consolidation epochs over 120 rows in batches of 16
+    assert calls[0] == (12 if parallel == "stacked" else 36) + 16
+    calls[0] = 0
+    assert_same(fused, run(stream, False, parallel=parallel))
+    assert calls[0] == 0
+
+
+@pytest.mark.parametrize("over", [
+    dict(kd_coef=0.5, kd_temperature=3.0, consolidation_ce="task"),  # KD from the stored teacher logits
+    dict(task_coef=0.7, distill_coef=2.5, stability_coef=0.3),       # scaled terms
+    dict(distill_coef=0.0, stability_coef=0.0),                      # CE only
+    dict(mixup_alpha=0.4, stability="weight"),                       # both run the autograd step
+], ids=["kd", "coefs", "ce-only", "mixup-weight"])
+def test_fused_step_with_every_loss_term(over, calls):
+    stream = make_stream(seed=1)
+    fused = run(stream, True, **over)
+    assert (calls[0] > 0) == ("mixup_alpha" not in over)
+    assert_same(fused, run(stream, False, **over))
+
+
+def test_fused_step_with_cumulative_batchnorm_momentum():
+    torch.manual_seed(0)
+    models = [ResMLP(12, 3, hidden=8, width=16) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for m in models:
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm1d):
+                mod.momentum = None
+        m.train()
+    x, y = torch.randn(3, 16, 12), torch.randint(0, 3, (3, 16))
+    off, ln = torch.zeros(16, dtype=torch.long), torch.full((16,), 3)
+    cfg = BMCConfig(progress=False)
+    opts = [AdamW(m.parameters(), lr=1e-2) for m in models]
+    step = fused_train_step(models[0], fused_args(models[0]), opts[0], x[0], cfg)
+    assert step is not None
+    torch.manual_seed(5)
+    for i in range(3):
+        step(x[i], y[i], off, ln)
+    torch.manual_seed(5)
+    from bmc_fast.ops import task_masked_cross_entropy
+    for i in range(3):
+        logits, _ = models[1](x[i])
+        opts[1].zero_grad()
+        task_masked_cross_entropy(logits, y[i], off, ln).backward()
+        opts[1].step()
+    for (n, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    assert float(models[0].block1.bn1.num_batches_tracked) == 3
+
+
+def test_the_returned_loss_is_the_autograd_loss():
+    torch.manual_seed(0)
+    m = ResMLP(12, 6, hidden=8, width=16).train()
+    x, y = torch.randn(16, 12), torch.randint(0, 6, (16,))
+    off, ln = torch.zeros(16, dtype=torch.long), torch.full((16,), 6)
+    feats, ids = torch.randn(16, 16), torch.randint(0, 3, (16,))
+    cfg = BMCConfig(progress=False)
+    m2 = ResMLP(12, 6, hidden=8, width=16).train()
+    m2.load_state_dict(m.state_dict())
+    step = fused_train_step(m, fused_args(m), AdamW(m.parameters()), x, cfg)
+    torch.manual_seed(1)
+    got = step(x, y, off, ln, 0.5, distill=(feats, ids, 3, 2.0))
+    from bmc_fast.ops import batched_distillation_loss, task_masked_cross_entropy
+    torch.manual_seed(1)
+    logits, h = m2(x)
+    want = 0.5 * task_masked_cross_entropy(logits, y, off, ln) + 2.0 * batched_distillation_loss(h, feats, ids, 3,
+                                                                                             reduction="mean")
+    assert got.shape == () and not got.requires_grad
+    torch.testing.assert_close(got, want.detach())
+
+
+def test_where_the_fused_step_does_not_apply():
+    torch.manual_seed(0)
+    m = ResMLP(12, 3, hidden=8, width=16).train()
+    x = torch.randn(16, 12)
+    cfg = BMCConfig(progress=False)
+    assert fused_train_step(m, fused_args(m), AdamW(m.parameters()), x, cfg) is not None
+    for over in (dict(fused_step=False), dict(losses="reference"), dict(fused_backbone=False),
+                 dict(fused_optimizer=False)):
+        assert fused_train_step(m, fused_args(m), AdamW(m.parameters()), x, BMCConfig(progress=False, **over)) is None
+    assert fused_train_step(m, fused_args(m), torch.optim.AdamW(m.parameters()), x, cfg) is None  # torch's AdamW
+    params = list(m.parameters())
+    assert fused_train_step(m, fused_args(m), AdamW(params[:-1]), x, cfg) is None  # not every parameter
+    two_groups = AdamW([{"params": params[:3]}, {"params": params[3:]}])
+    assert fused_train_step(m, fused_args(m), two_groups, x, cfg) is None
+    m.head.bias.requires_grad_(False)  # a frozen parameter: autograd would skip it, the step would not
+    assert fused_train_step(m, fused_args(m), AdamW(params), x, cfg) is None
+    m.head.bias.requires_grad_(True)
+    assert fused_train_step(m, fused_args(m), AdamW(params), x.double(), cfg) is None  # float32 only
+    md = ResMLP(12, 3, hidden=8, width=16).double().train()
+    assert fused_train_step(md, fused_args(md), AdamW(md.parameters()), x.double(), cfg) is None
+    assert adamw(m.parameters(), 1e-3, 0.0).__class__ is AdamW  # what the trainer hands it
+
+
+def test_a_bad_batch_raises_and_changes_nothing():
+    torch.manual_seed(0)
+    m = ResMLP(12, 3, hidden=8, width=16).train()
+    opt = AdamW(m.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    off, ln = torch.zeros(16, dtype=torch.long), torch.full((16,), 3)
+    step = fused_train_step(m, fused_args(m), opt, x, BMCConfig(progress=False))
+    step(x, y, off, ln)
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    moments = [t.clone() for t in opt._caches[0].exp_avgs]
+    count = int(opt._caches[0].count)
+    with pytest.raises(ValueError, match="label"):
+        step(x, torch.full((16,), 7), off, ln)
+    with pytest.raises(ValueError, match="task_offset"):
+        step(x, y, off - 1, ln)
+    assert int(opt._caches[0].count) == count
+    for n, t in m.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    assert all(torch.equal(a, b) for a, b in zip(opt._caches[0].exp_avgs, moments))
+    step(x, y, off, ln)  # and it goes on
+    assert int(opt._caches[0].count) == count + 1
