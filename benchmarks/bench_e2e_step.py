@@ -3,10 +3,13 @@ inputs, 10k samples per task, 1 expert epoch each, then 1 consolidation epoch ov
 
 Variants, timed round-robin, each a (experts, losses, backbone, optimizer) choice:
 
-* ``bmc_fast``: stacked experts, fused losses, fused ResMLP kernels, fused AdamW (the defaults);
+* ``bmc_fast``: stacked experts, fused losses, fused ResMLP kernels, fused AdamW, each training
+  step one C++ call (the defaults);
 * ``authors``: sequential experts, eager reference losses, the plain nn.Module ResMLP,
   torch's default AdamW and the frozen base's features computed batch by batch: a plain PyTorch
   training script, the way the authors' code runs (the baseline of the speed-up column);
+* ``autograd step``: ``bmc_fast`` with ``fused_step=False``: the same kernels called step by step
+  through autograd and the optimizer (what the one-call step removes);
 * ``vmap``: stacked experts through torch.func.vmap over the plain module, fused losses and
   AdamW (bmc_fast before the fused backbone);
 * ``sequential``: sequential experts with every fused piece (what stacking adds on top).
@@ -31,6 +34,8 @@ K, N, D, C_PER_TASK = (4, 10_000, 768, 10) if not shapes.QUICK else (2, 256, 32,
 REPS = int(os.environ.get("BMC_E2E_REPS", 5)) if not shapes.QUICK else 1
 VARIANTS = {
     "bmc_fast": dict(parallel="stacked", losses="fused", fused_backbone=True, fused_optimizer=True),
+    "autograd step": dict(parallel="stacked", losses="fused", fused_backbone=True, fused_optimizer=True,
+                          fused_step=False),
     "authors": dict(parallel="sequential", losses="reference", fused_backbone=False, fused_optimizer=False,
                     base_feature_table_mb=0),
     "vmap": dict(parallel="stacked", losses="fused", fused_backbone=False, fused_optimizer=True),
@@ -127,26 +132,33 @@ def _run_variants(stream, variants, device):
     return med
 
 
+def _one_call(o: dict) -> bool:
+    """Whether a CPU variant trains through the one-call step (bmc_fast.train_step)."""
+    return (o.get("losses") == "fused" and o.get("fused_backbone", True) and o.get("fused_optimizer", True)
+            and o.get("fused_step", True))
+
+
 def _report(benchmark, machine, variants, med, floor=None):
     base = med["authors"]
     lines = [f"one incremental step: K={K}, ResMLP, {D}-D inputs, {N} samples/task, 1 expert epoch, "
              f"1 consolidation epoch over {K * N} samples; {machine.name}"
              + (f", {machine.threads} thread(s)" if machine.device == "cpu" else "")
              + (f" ({machine.note})" if machine.note else "") + f"; medians of {REPS} interleaved runs", "",
-             "| variant | experts | losses | backbone | AdamW | base features | experts s | consolidation s | total s "
-             "| speed-up vs authors (experts, consolidation) | paired speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | experts | losses | backbone | AdamW | step | base features | experts s | consolidation s "
+             "| total s | speed-up vs authors (experts, consolidation) | paired speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, m in med.items():
         o = variants[v]
         lines.append(f"| {v} | {o['parallel']} | {o['losses']} "
                      f"| {'fused' if o.get('fused_backbone', True) else 'nn.Module'} "
                      f"| {'fused' if o.get('fused_optimizer', True) else 'default'} "
+                     f"| {'one call' if machine.device == 'cpu' and _one_call(o) else 'autograd'} "
                      f"| {'per step' if o.get('base_feature_table_mb', 1) == 0 else 'table'} | {m['experts_s']:.2f} "
                      f"| {m['consolidation_s']:.2f} | {m['total_s']:.2f} | {base['total_s'] / m['total_s']:.2f} "
                      f"({base['experts_s'] / m['experts_s']:.2f}, "
                      f"{base['consolidation_s'] / m['consolidation_s']:.2f}) | {m['paired_speedup']:.2f} |")
     if floor is not None:
-        lines.append(f"| matmul floor | | | | | | {floor['experts_s']:.2f} | {floor['consolidation_s']:.2f} "
+        lines.append(f"| matmul floor | | | | | | | {floor['experts_s']:.2f} | {floor['consolidation_s']:.2f} "
                      f"| {floor['total_s']:.2f} | {base['total_s'] / floor['total_s']:.2f} "
                      f"({base['experts_s'] / floor['experts_s']:.2f}, "
                      f"{base['consolidation_s'] / floor['consolidation_s']:.2f}) | |")

@@ -1,4 +1,5 @@
 """The whole training step in one C++ call (bmc_fast.train_step) against the autograd path."""
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,21 @@ def test_a_bad_batch_raises_and_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(opt._caches[0].exp_avgs, moments))
     step(x, y, off, ln)  # and it goes on
     assert int(opt._caches[0].count) == count + 1
+
+
+@pytest.mark.parametrize("which", ["finetune", "joint"])
+def test_baselines_train_the_same_with_the_fused_step(which, calls):
+    from bmc_fast import baselines
+
+    stream = make_stream(k=2, seed=2)
+    model_fn = lambda d, c: ResMLP(d, c, hidden=8, width=16)  # noqa: E731
+    res = {}
+    for fs in (True, False):
+        cfg = BMCConfig(epochs=2, batch_size=16, progress=False, fused_step=fs)
+        res[fs] = getattr(baselines, which)(stream, cfg, model_fn)
+        if fs:
+            assert calls[0] > 0
+            calls[0] = 0
+    assert calls[0] == 0
+    np.testing.assert_allclose(res[True].cil_matrix, res[False].cil_matrix, equal_nan=True)
+    np.testing.assert_allclose(res[True].til_matrix, res[False].til_matrix, equal_nan=True)

@@ -49,8 +49,26 @@ void adamw_impl(const std::vector<AdamChunk>& chunks, const AdamHyper& h) {
   const T step_size = static_cast<T>(h.lr / h.bias_correction1);
   const T inv_bc2_sqrt = static_cast<T>(1.0 / h.bias_correction2_sqrt);
   const T eps = static_cast<T>(h.eps);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
+  // One task per thread, each a run of consecutive chunks holding an equal share of the
+  // elements. (A parallel_for over the chunks splits them by count: with the big weight
+  // matrices first and the small vectors last, as the fused ResMLP lists them, one thread got
+  // ~90% of the elements and the step took ~2x longer.) The update is elementwise: the split
+  // does not change any value.
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_chunks));
+  std::vector<int64_t> first(static_cast<size_t>(tasks + 1), n_chunks);  // task t: chunks [first[t], first[t + 1])
+  {
+    int64_t total = 0;
+    for (const AdamChunk& ch : chunks) total += ch.n;
+    int64_t seen = 0, t = 0;
+    first[0] = 0;
+    for (int64_t c = 0; c < n_chunks && t + 1 < tasks; ++c) {
+      seen += chunks[c].n;
+      while (t + 1 < tasks && seen * tasks >= total * (t + 1)) first[++t] = c + 1;
+    }
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    for (int64_t c = first[task_begin]; c < first[task_end]; ++c) {
       const AdamChunk& ch = chunks[c];
       T* __restrict__ p = static_cast<T*>(ch.param);
       const T* __restrict__ g = static_cast<const T*>(ch.grad);
