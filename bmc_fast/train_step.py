@@ -24,7 +24,9 @@ __all__ = ["FusedTrainStep", "fused_train_step"]
 
 
 class FusedTrainStep:
-    """Callable training step; build it with :func:`fused_train_step`."""
+    """Callable training step; build it with :func:`fused_train_step`. It holds the optimizer's
+    moment tensors as they were when it was built: build a new one after
+    ``opt.load_state_dict`` (the trainer builds one per phase)."""
 
     def __init__(self, hyper: ResMLP, lists: tuple, opt: AdamW, cache, group: dict):
         weights, biases, bn_w, bn_b, rmean, rvar, tracked = lists
@@ -80,7 +82,8 @@ def fused_train_step(hyper: nn.Module, lists: tuple, opt, x: torch.Tensor, cfg) 
     if not (getattr(cfg, "fused_step", True) and cfg.losses == "fused" and cfg.fused_backbone
             and cfg.fused_optimizer and _ext.HAVE_EXTENSION):
         return None
-    if not (isinstance(hyper, ResMLP) and hyper.fused and isinstance(opt, AdamW) and len(opt.param_groups) == 1):
+    if not (isinstance(hyper, ResMLP) and hyper.fused and hyper.training and isinstance(opt, AdamW)
+            and len(opt.param_groups) == 1):
         return None
     flat = [t for lst in lists[:4] for t in lst]
     x0 = x if lists[0][0].dim() == 2 else x[0]  # stacked: one model's rows, for the checks

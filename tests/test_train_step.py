@@ -164,6 +164,9 @@ def test_where_the_fused_step_does_not_apply():
     m.head.bias.requires_grad_(False)  # a frozen parameter: autograd would skip it, the step would not
     assert fused_train_step(m, fused_args(m), AdamW(params), x, cfg) is None
     m.head.bias.requires_grad_(True)
+    m.eval()  # batch statistics are for training mode only
+    assert fused_train_step(m, fused_args(m), AdamW(params), x, cfg) is None
+    m.train()
     assert fused_train_step(m, fused_args(m), AdamW(params), x.double(), cfg) is None  # float32 only
     md = ResMLP(12, 3, hidden=8, width=16).double().train()
     assert fused_train_step(md, fused_args(md), AdamW(md.parameters()), x.double(), cfg) is None
