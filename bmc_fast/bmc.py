@@ -162,13 +162,15 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
     fwd = None  # the training forward, resolved once from the first batch (train_forward)
     fstep = None  # the whole step in one call, where it applies (bmc_fast.train_step)
 
+    def ce_ranges(b):
+        if cfg.consolidation_ce == "seen":
+            return torch.zeros_like(b["offset"]), torch.full_like(b["length"], seen)
+        return b["offset"], b["length"]
+
     def loss_of(b, train: bool):
         x, y = b["x"], b["y"]
         model_fn = fwd if train else model
-        if cfg.consolidation_ce == "seen":
-            off, ln = torch.zeros_like(b["offset"]), torch.full_like(b["length"], seen)
-        else:
-            off, ln = b["offset"], b["length"]
+        off, ln = ce_ranges(b)
         if train and beta is not None:
             lam = float(beta.sample())
             perm = torch.randperm(x.shape[0], generator=gen).to(device)
@@ -187,11 +189,8 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
                                                                     b["length"], cfg.kd_temperature))
         return loss
 
-    def fused_loss(step, b):  # loss_of(b, True) + backward + opt.step() in one call (no mixup)
-        if cfg.consolidation_ce == "seen":
-            off, ln = torch.zeros_like(b["offset"]), torch.full_like(b["length"], seen)
-        else:
-            off, ln = b["offset"], b["length"]
+    def fused_loss(step, b):  # loss_of(b, True) + backward + opt.step() in one call (no mixup): same terms
+        off, ln = ce_ranges(b)
         distill = (b["features"], b["buffer_id"], j, cfg.distill_coef) if cfg.distill_coef > 0 else None
         kd = ((b["teacher_logits"], b["offset"], b["length"], cfg.kd_temperature, cfg.kd_coef)
               if cfg.kd_coef > 0 and "teacher_logits" in b else None)
@@ -204,7 +203,7 @@ def consolidate(model: nn.Module, memory: Memory, cfg: BMCConfig, num_classes: i
                 b = train_mem.batch(idx, num_classes, device)
                 if fwd is None:
                     fwd = train_forward(model, cfg, b["x"])
-                    if beta is None and fwd is not model:
+                    if beta is None and isinstance(model, ResMLP):
                         fstep = fused_train_step(model, fused_args(model), opt, b["x"], cfg)
                 if fstep is not None:
                     loss = fused_loss(fstep, b)

@@ -180,7 +180,8 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, 
 
 def _step_loss(logits, feats, yb, off_rows, ln_rows, hb, expert_flat, base_flat, cfg, L, stab, kk, bsz):
     """task_coef * masked CE (mean over each expert's batch, summed over experts) +
-    stability_coef * S_k summed over experts."""
+    stability_coef * S_k summed over experts. The one-call step (bmc_fast.train_step, called
+    in _train_stacked and _train_each) computes the same terms: change both together."""
     # One scaling node per term (each autograd node costs ~10 us at these sizes).
     loss = L.task_masked_cross_entropy(logits, yb, off_rows, ln_rows, reduction="sum") * (cfg.task_coef / bsz)
     if stab:
@@ -242,10 +243,11 @@ def _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off,
     opt = adamw(params.values(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
 
     fstep = None  # the whole step in one call, where it applies (bmc_fast.train_step)
-    if _fused_backbone(base, cfg, batch(0)[0][0]):
+    x0 = batch(0)[0]
+    if _fused_backbone(base, cfg, x0[0]):
         lists = fused_args(skeleton, params, buffers)  # the same tensors every step: built once
-        if not (stab and cfg.stability == "weight"):
-            fstep = fused_train_step(skeleton, lists, opt, batch(0)[0], cfg)
+        if not (stab and cfg.stability == "weight"):  # weight stability: the autograd step
+            fstep = fused_train_step(skeleton, lists, opt, x0, cfg)
 
         def batched(p, b, x):  # the default ResMLP: K models in one fused op call
             return resmlp_train_forward(skeleton, lists, x)
@@ -299,8 +301,8 @@ def _train_each(base, frozen, batch, base_features, base_flat, k, steps, off, ln
     fwds = [train_forward(m, cfg, x0[i]) for i, m in enumerate(members)] if steps else members
     # The whole step in one call where it applies (bmc_fast.train_step): not with weight stability.
     fsteps = [fused_train_step(m, fused_args(m), o, x0[i], cfg)
-              if f is not m and mode != "streams" and not (stab and cfg.stability == "weight") else None
-              for i, (m, o, f) in enumerate(zip(members, opts, fwds))] if steps else [None] * k
+              if isinstance(m, ResMLP) and mode != "streams" and not (stab and cfg.stability == "weight") else None
+              for i, (m, o) in enumerate(zip(members, opts))] if steps else [None] * k
     streams = [torch.cuda.Stream(device=device) for _ in range(k)] if mode == "streams" else None
     finals = [float("nan")] * k
     torch.manual_seed(hash((seed, 2)) % (2**62))

@@ -28,11 +28,11 @@ class FusedTrainStep:
     moment tensors as they were when it was built: build a new one after
     ``opt.load_state_dict`` (the trainer builds one per phase)."""
 
-    def __init__(self, hyper: ResMLP, lists: tuple, opt: AdamW, cache, group: dict):
+    def __init__(self, hyper: ResMLP, lists: tuple, cache, group: dict):
         weights, biases, bn_w, bn_b, rmean, rvar, tracked = lists
         pos = {id(p): i for i, p in enumerate(cache.params)}
         flat = weights + biases + bn_w + bn_b
-        self._opt, self._cache, self._group = opt, cache, group
+        self._cache, self._group = cache, group
         self._tracked = tracked[0]
         bn0 = hyper.block1.bn1
         self._momentum = None if bn0.momentum is None else float(bn0.momentum)
@@ -79,7 +79,7 @@ def fused_train_step(hyper: nn.Module, lists: tuple, opt, x: torch.Tensor, cfg) 
     losses, backbone and optimizer must all be on in ``cfg`` (and ``cfg.fused_step``), the
     model a float32 CPU ResMLP on its fused path, ``opt`` a one-group
     :class:`bmc_fast.optim.AdamW` over exactly the model's parameters, all trainable."""
-    if not (getattr(cfg, "fused_step", True) and cfg.losses == "fused" and cfg.fused_backbone
+    if not (cfg.fused_step and cfg.losses == "fused" and cfg.fused_backbone
             and cfg.fused_optimizer and _ext.HAVE_EXTENSION):
         return None
     if not (isinstance(hyper, ResMLP) and hyper.fused and hyper.training and isinstance(opt, AdamW)
@@ -98,4 +98,4 @@ def fused_train_step(hyper: nn.Module, lists: tuple, opt, x: torch.Tensor, cfg) 
     cache = opt._cache(0, params)
     if cache is None or not cache.fused:
         return None
-    return FusedTrainStep(hyper, lists, opt, cache, group)
+    return FusedTrainStep(hyper, lists, cache, group)
