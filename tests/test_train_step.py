@@ -212,3 +212,25 @@ def test_baselines_train_the_same_with_the_fused_step(which, calls):
     assert calls[0] == 0
     np.testing.assert_allclose(res[True].cil_matrix, res[False].cil_matrix, equal_nan=True)
     np.testing.assert_allclose(res[True].til_matrix, res[False].til_matrix, equal_nan=True)
+
+
+def test_the_raw_class_names_bad_arguments():
+    m = ResMLP(12, 3, hidden=8, width=16).train()
+    w, b, bw, bb, rm, rv, tr = fused_args(m)
+    moments = [torch.zeros_like(t) for t in w + b + bw + bb]
+    cls = torch.classes.bmc_fast.ResMLPTrainStep
+    with pytest.raises(ValueError, match="exp_avgs and exp_avg_sqs must hold 28"):
+        cls(w, b, bw, bb, rm, rv, tr, moments[:-1], moments, 1e-5, [0.3, 0.3])
+    with pytest.raises(ValueError, match="running_means, running_vars and tracked"):
+        cls(w, b, bw, bb, rm[:-1], rv, tr, moments, moments, 1e-5, [0.3, 0.3])
+    step = cls(w, b, bw, bb, rm, rv, tr, moments, [torch.zeros_like(t) for t in moments], 1e-5, [0.3, 0.3])
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    off, ln = torch.zeros(8, dtype=torch.long), torch.full((8,), 3)
+    before = [t.clone() for t in w]
+    with pytest.raises(ValueError, match="distill_ids must be given"):
+        step.step(x, [1, 2], 0.1, y, off, ln, 1.0, "mean", torch.randn(8, 16), None, 2, 1.0, None, 0.0,
+                  None, None, None, 1.0, 0.0, 1e-3, 0.9, 0.999, 0.0, 1e-8, 1)
+    with pytest.raises(ValueError, match="x must have"):
+        step.step(x[0], [1, 2], 0.1, y, off, ln, 1.0, "mean", None, None, 0, 0.0, None, 0.0,
+                  None, None, None, 1.0, 0.0, 1e-3, 0.9, 0.999, 0.0, 1e-8, 1)
+    assert all(torch.equal(a, c) for a, c in zip(w, before))
