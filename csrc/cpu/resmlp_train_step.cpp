@@ -81,6 +81,7 @@ struct ResMLPTrainStep : torch::CustomClassHolder {
   // The fused op's lists (bmc_fast.models.fused_args) and, per parameter in the order
   // weights + biases + bn_weights + bn_biases, its AdamW moments.
   TensorVec weights, biases, bn_weights, bn_biases, running_means, running_vars, tracked, exp_avgs, exp_avg_sqs;
+  TensorVec params, running;  // weights + biases + bn_weights + bn_biases; running_means + running_vars
   double eps;
   std::vector<double> p;
 
@@ -98,7 +99,9 @@ struct ResMLPTrainStep : torch::CustomClassHolder {
         exp_avg_sqs(std::move(exp_avg_sqs_)),
         eps(eps_),
         p(std::move(p_)) {
-    const size_t n = weights.size() + biases.size() + bn_weights.size() + bn_biases.size();
+    params = concat({&weights, &biases, &bn_weights, &bn_biases});
+    running = concat({&running_means, &running_vars});
+    const size_t n = params.size();
     TORCH_CHECK_VALUE(exp_avgs.size() == n && exp_avg_sqs.size() == n, "exp_avgs and exp_avg_sqs must hold ", n,
                       " tensors (one per parameter), got ", exp_avgs.size(), " and ", exp_avg_sqs.size());
     TORCH_CHECK_VALUE(running_means.size() == bn_weights.size() && running_vars.size() == bn_weights.size() &&
@@ -156,10 +159,10 @@ struct ResMLPTrainStep : torch::CustomClassHolder {
     auto [gw, gb, gbw, gbb, gx] = resmlp_backward_cpu(grad_logits.view(logits.sizes()), grad_features, x, features,
                                                       weights, bn_weights, saved, p, false);
     // BatchNorm's running statistics and batch count, as resmlp_train_forward updates them.
-    at::_foreach_lerp_(concat({&running_means, &running_vars}), concat({&means, &vars}), momentum);
+    at::_foreach_lerp_(running, concat({&means, &vars}), momentum);
     at::_foreach_add_(tracked, 1);
-    adamw_step_cpu(concat({&weights, &biases, &bn_weights, &bn_biases}), concat({&gw, &gb, &gbw, &gbb}), exp_avgs,
-                   exp_avg_sqs, lr, beta1, beta2, weight_decay, adam_eps, step);
+    adamw_step_cpu(params, concat({&gw, &gb, &gbw, &gbb}), exp_avgs, exp_avg_sqs, lr, beta1, beta2, weight_decay,
+                   adam_eps, step);
     return loss;
   }
 };
