@@ -57,7 +57,7 @@ struct BnGradBranch {
 };
 
 BMC_CPU_DECLARE_KERNEL(void, bn_relu_dropout_kernel, at::ScalarType, int64_t, int64_t, int64_t,
-                       const std::vector<BnBranch>&, void*, uint8_t*, double, double, uint64_t)
+                       const std::vector<BnBranch>&, void*, uint8_t*, double, double, uint64_t, uint64_t)
 BMC_CPU_DECLARE_KERNEL(void, bn_relu_dropout_backward_kernel, at::ScalarType, int64_t, int64_t, int64_t,
                        const void*, const uint8_t*, const std::vector<BnGradBranch>&, double)
 
@@ -80,7 +80,7 @@ inline int64_t item_grain(int64_t C) { return std::max<int64_t>(1, 8192 / std::m
 
 template <typename T>
 void bn_forward_impl(int64_t K, int64_t B, int64_t C, const std::vector<BnBranch>& br, T* out, uint8_t* mask,
-                     double eps, double p, uint64_t seed) {
+                     double eps, double p, uint64_t seed, uint64_t index_offset) {
   using acc_t = at::opmath_type<T>;
   const int64_t n = static_cast<int64_t>(br.size());
   const int64_t chunks = (B + kRowChunk - 1) / kRowChunk;
@@ -155,7 +155,7 @@ void bn_forward_impl(int64_t K, int64_t B, int64_t C, const std::vector<BnBranch
     // output stores may change them, and does not vectorise the loops that use them.
     const uint32_t thr_l = thr;
     const acc_t scale_l = scale;
-    const uint64_t seed_l = seed;
+    const uint64_t seed_l = seed, offset_l = index_offset;
     const acc_t* mean_l = mean_all;
     const acc_t* inv_l = inv_all;
     acc_t z[kColBlock];
@@ -183,7 +183,7 @@ void bn_forward_impl(int64_t K, int64_t B, int64_t C, const std::vector<BnBranch
           // Dropout: 24 random bits per element from the counter hash. The low 32 bits of the
           // element index run over the block in one vectorisable loop unless it crosses a
           // multiple of 2^32 (then the exact scalar formula).
-          const uint64_t first = static_cast<uint64_t>(row);
+          const uint64_t first = static_cast<uint64_t>(row) + offset_l;
           if (thr_l == 0) {  // p rounds to 0: every element is kept, no hash needed
             for (int64_t c = 0; c < w; ++c) bits[c] = 0;
           } else if ((first >> 32) == ((first + w - 1) >> 32)) {
@@ -297,9 +297,9 @@ void bn_backward_impl(int64_t K, int64_t B, int64_t C, const T* grad, const uint
 }
 
 void bn_relu_dropout_kernel(at::ScalarType dtype, int64_t K, int64_t B, int64_t C, const std::vector<BnBranch>& br,
-                            void* out, uint8_t* mask, double eps, double p, uint64_t seed) {
+                            void* out, uint8_t* mask, double eps, double p, uint64_t seed, uint64_t index_offset) {
   AT_DISPATCH_FLOATING_TYPES(dtype, "bn_relu_dropout_cpu", [&] {
-    bn_forward_impl<scalar_t>(K, B, C, br, static_cast<scalar_t*>(out), mask, eps, p, seed);
+    bn_forward_impl<scalar_t>(K, B, C, br, static_cast<scalar_t*>(out), mask, eps, p, seed, index_offset);
   });
 }
 
@@ -362,6 +362,13 @@ using TensorVec = std::vector<at::Tensor>;
 std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec, TensorVec> bn_relu_dropout_cpu(
     at::TensorList inputs, at::TensorList weights, at::TensorList biases, at::TensorList pre_biases, double eps,
     double p, int64_t seed) {
+  return bn_relu_dropout_cpu_at(inputs, weights, biases, pre_biases, eps, p, seed, 0);
+}
+
+std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec, TensorVec> bn_relu_dropout_cpu_at(
+    at::TensorList inputs, at::TensorList weights, at::TensorList biases, at::TensorList pre_biases, double eps,
+    double p, int64_t seed, int64_t index_offset) {
+  TORCH_CHECK_VALUE(index_offset >= 0, "index_offset must be >= 0, got ", index_offset);
   const auto [K, B, C] = check_inputs(inputs, "inputs");
   const size_t n = inputs.size();
   check_list_size(weights.size(), n, "weights", false);
@@ -403,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec, TensorVec> b
   at::Tensor out = at::empty(inputs[0].sizes(), inputs[0].options());
   at::Tensor mask = at::empty(inputs[0].sizes(), inputs[0].options().dtype(at::kByte));
   BMC_CPU_CALL(bn_relu_dropout_kernel, inputs[0].scalar_type(), K, B, C, br, out.mutable_data_ptr(),
-               mask.mutable_data_ptr<uint8_t>(), eps, p, static_cast<uint64_t>(seed));
+               mask.mutable_data_ptr<uint8_t>(), eps, p, static_cast<uint64_t>(seed), static_cast<uint64_t>(index_offset));
   return {out, mask, xhats, invstds, means, vars};
 }
 

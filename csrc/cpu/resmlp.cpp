@@ -166,9 +166,11 @@ size_t check_model(const at::Tensor& x, at::TensorList weights, at::TensorList b
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forward_cpu(
+// resmlp_forward of stacked models first_model, first_model + 1, ... of a larger stack: the same
+// dropout masks as those models get when the whole stack runs in one call.
+std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forward_from(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
-    at::TensorList bn_biases, double eps, at::ArrayRef<double> p, at::IntArrayRef seeds) {
+    at::TensorList bn_biases, double eps, at::ArrayRef<double> p, at::IntArrayRef seeds, int64_t first_model) {
   const size_t nb = check_model(x, weights, biases, bn_weights, bn_biases);
   check_list(p.size(), nb, "p", "values (one dropout probability per block)");
   check_list(seeds.size(), nb, "seeds", "values (one dropout seed per block)");
@@ -185,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forwa
         bn_relu_dropout_cpu({a1}, {bn_weights[j]}, {bn_biases[j]}, {biases[i]}, eps, 0.0, 0);
     const at::Tensor a2 = linear(r, weights[i + 1], nullptr);
     auto [out, mask2, xhat2, invstd2, mean2, var2] =
-        bn_relu_dropout_cpu({a2, as}, {bn_weights[j + 1], bn_weights[j + 2]}, {bn_biases[j + 1], bn_biases[j + 2]},
-                            {biases[i + 1], biases[i + 2]}, eps, p[b], seeds[b]);
+        bn_relu_dropout_cpu_at({a2, as}, {bn_weights[j + 1], bn_weights[j + 2]}, {bn_biases[j + 1], bn_biases[j + 2]},
+                               {biases[i + 1], biases[i + 2]}, eps, p[b], seeds[b], first_model * a2.size(-2) * a2.size(-1));
     saved.insert(saved.end(), {mask1, xhat1[0], invstd1[0], r, mask2, xhat2[0], xhat2[1], invstd2[0], invstd2[1]});
     means.insert(means.end(), {mean1[0], mean2[0], mean2[1]});
     vars.insert(vars.end(), {var1[0], var2[0], var2[1]});
@@ -194,6 +196,12 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forwa
   }
   at::Tensor logits = linear(h, weights.back(), &biases.back());
   return {logits, h, saved, means, vars};
+}
+
+std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forward_cpu(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
+    at::TensorList bn_biases, double eps, at::ArrayRef<double> p, at::IntArrayRef seeds) {
+  return resmlp_forward_from(x, weights, biases, bn_weights, bn_biases, eps, p, seeds, 0);
 }
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backward_cpu(
