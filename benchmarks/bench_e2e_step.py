@@ -10,6 +10,12 @@ Variants, timed round-robin, each a (experts, losses, backbone, optimizer) choic
   training script, the way the authors' code runs (the baseline of the speed-up column);
 * ``autograd step``: ``bmc_fast`` with ``fused_step=False``: the same kernels called step by step
   through autograd and the optimizer (what the one-call step removes);
+* ``mkl matmuls``: ``bmc_fast`` with its float32 products on MKL (``set_cpu_matmul("mkl")``)
+  where it would choose oneDNN (what the oneDNN products add; the same as ``bmc_fast`` where
+  ``auto`` already picks MKL);
+* ``no split``: ``bmc_fast`` with ``BMC_FAST_SPLIT=0``: the stacked experts' one-call step runs
+  over the whole stack with every matmul and kernel on all threads, instead of each thread
+  running its own experts (what the split adds);
 * ``vmap``: stacked experts through torch.func.vmap over the plain module, fused losses and
   AdamW (bmc_fast before the fused backbone);
 * ``sequential``: sequential experts with every fused piece (what stacking adds on top).
@@ -23,6 +29,7 @@ import time
 import pytest
 import torch
 
+from bmc_fast import set_cpu_matmul
 from bmc_fast.bmc import BMCConfig, consolidate
 from bmc_fast.data import Task, TaskStream
 from bmc_fast.experts import train_experts
@@ -36,6 +43,10 @@ VARIANTS = {
     "bmc_fast": dict(parallel="stacked", losses="fused", fused_backbone=True, fused_optimizer=True),
     "autograd step": dict(parallel="stacked", losses="fused", fused_backbone=True, fused_optimizer=True,
                           fused_step=False),
+    "mkl matmuls": dict(parallel="stacked", losses="fused", fused_backbone=True, fused_optimizer=True,
+                        matmul="mkl"),
+    "no split": dict(parallel="stacked", losses="fused", fused_backbone=True, fused_optimizer=True,
+                     env={"BMC_FAST_SPLIT": "0"}),
     "authors": dict(parallel="sequential", losses="reference", fused_backbone=False, fused_optimizer=False,
                     base_feature_table_mb=0),
     "vmap": dict(parallel="stacked", losses="fused", fused_backbone=False, fused_optimizer=True),
@@ -60,7 +71,23 @@ def _sync(device):
 
 
 def one_step(stream, variant, device="cpu", variants=None):
-    opts = (variants or VARIANTS)[variant]
+    opts = dict((variants or VARIANTS)[variant])
+    env = opts.pop("env", {})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    set_cpu_matmul(opts.pop("matmul", os.environ.get("BMC_FAST_MATMUL", "auto")))
+    try:
+        return _timed_step(stream, opts, device)
+    finally:
+        set_cpu_matmul(os.environ.get("BMC_FAST_MATMUL", "auto"))
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _timed_step(stream, opts, device):
     cfg = BMCConfig(n_experts=K, epochs=1, consolidation_epochs=1, buffer_size=N, memory_size=K * N, device=device,
                     progress=False, **opts)
     torch.manual_seed(0)
@@ -82,9 +109,18 @@ def one_step(stream, variant, device="cpu", variants=None):
 LINEARS = [(D, 128), (128, 256), (256, 256), (128, 256), (256, 256), (256, 256), (256, 256), (256, C_PER_TASK * K)]
 
 
-def _matmul_seconds(rows: int, backward: bool, reps: int = 20) -> float:
+def _mkl_nt(a, b):  # a b^T through at::mm (MKL in torch's CPU wheel)
+    return torch.mm(a, b.t())
+
+
+def _onednn_nt(a, b):  # a b^T through oneDNN, as bmc_fast calls it (csrc/cpu/gemm.cpp)
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+def _matmul_seconds(rows: int, backward: bool, nt=_mkl_nt, reps: int = 20) -> float:
     """Median time of only the matrix products of one ResMLP step on ``rows`` rows (forward, and
-    with ``backward`` the weight and input gradients, none for the input layer's input)."""
+    with ``backward`` the weight and input gradients, none for the input layer's input), each
+    product ``nt(a, b) = a b^T``."""
     mats = []
     for i, (din, dout) in enumerate(LINEARS):
         x, w, g = torch.randn(rows, din), torch.randn(dout, din), torch.randn(rows, dout)
@@ -93,23 +129,23 @@ def _matmul_seconds(rows: int, backward: bool, reps: int = 20) -> float:
     for _ in range(reps):
         t0 = time.perf_counter()
         for x, w, g, need_dx in mats:
-            torch.mm(x, w.t())
+            nt(x, w)
             if backward:
-                torch.mm(g.t(), x)
+                nt(g.t(), x.t())
                 if need_dx:
-                    torch.mm(g, w)
+                    nt(g, w.t())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def matmul_floor(stream_n: int = N, batch: int = 64) -> dict:
+def matmul_floor(stream_n: int = N, batch: int = 64, nt=_mkl_nt) -> dict:
     """The time the step's matrix products alone take in float32 on this machine, each phase
-    with its matmuls at their most efficient size (the K experts' rows as one matrix): no
-    implementation of the step in float32 can be faster than this."""
+    with its matmuls at their most efficient size (the K experts' rows as one matrix), with the
+    products of ``nt``: no implementation of the step with those products can be faster."""
     steps = -(-stream_n // batch)
-    experts = steps * (_matmul_seconds(K * batch, True) + _matmul_seconds(K * batch, False))  # + base features
-    buffers = K * stream_n / 4096 * _matmul_seconds(4096, False, reps=5)
-    consolidation = -(-K * stream_n // batch) * _matmul_seconds(batch, True)
+    experts = steps * (_matmul_seconds(K * batch, True, nt) + _matmul_seconds(K * batch, False, nt))  # + base features
+    buffers = K * stream_n / 4096 * _matmul_seconds(4096, False, nt, reps=5)
+    consolidation = -(-K * stream_n // batch) * _matmul_seconds(batch, True, nt)
     return {"experts_s": experts + buffers, "consolidation_s": consolidation,
             "total_s": experts + buffers + consolidation}
 
@@ -138,7 +174,7 @@ def _one_call(o: dict) -> bool:
             and o.get("fused_step", True))
 
 
-def _report(benchmark, machine, variants, med, floor=None):
+def _report(benchmark, machine, variants, med, floors=None):
     base = med["authors"]
     lines = [f"one incremental step: K={K}, ResMLP, {D}-D inputs, {N} samples/task, 1 expert epoch, "
              f"1 consolidation epoch over {K * N} samples; {machine.name}"
@@ -157,22 +193,24 @@ def _report(benchmark, machine, variants, med, floor=None):
                      f"| {m['consolidation_s']:.2f} | {m['total_s']:.2f} | {base['total_s'] / m['total_s']:.2f} "
                      f"({base['experts_s'] / m['experts_s']:.2f}, "
                      f"{base['consolidation_s'] / m['consolidation_s']:.2f}) | {m['paired_speedup']:.2f} |")
-    if floor is not None:
-        lines.append(f"| matmul floor | | | | | | | {floor['experts_s']:.2f} | {floor['consolidation_s']:.2f} "
+    for name, floor in (floors or {}).items():
+        lines.append(f"| {name} | | | | | | | {floor['experts_s']:.2f} | {floor['consolidation_s']:.2f} "
                      f"| {floor['total_s']:.2f} | {base['total_s'] / floor['total_s']:.2f} "
                      f"({base['experts_s'] / floor['experts_s']:.2f}, "
                      f"{base['consolidation_s'] / floor['consolidation_s']:.2f}) | |")
+    if floors:
         lines += ["", "paired speed-up: the median over rounds of authors' total time / the variant's in the "
                   "same round.", "", "matmul floor: only the step's float32 matrix products (forward and backward of every "
                   "expert step with the K experts' rows as one matrix, the base features, the buffers, the "
-                  "consolidation steps), timed alone: the speed-up no float32 implementation can pass here."]
+                  "consolidation steps), timed alone, with MKL's products (`torch.mm`, what the authors' script uses) "
+                  "and with oneDNN's: the speed-up no float32 implementation with those products can pass here."]
     text = "\n".join(lines)
     print("\n" + text)
     os.makedirs(os.path.join(os.path.dirname(__file__), "out"), exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), "out",
                            f"e2e-{machine.device}-{time.strftime('%Y%m%d-%H%M%S')}.md"), "w") as f:
         f.write(text + "\n")
-    benchmark.extra_info.update({**med, "matmul_floor": floor})
+    benchmark.extra_info.update({**med, "matmul_floors": floors})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     assert all(m["total_s"] > 0 for m in med.values())
 
@@ -180,7 +218,10 @@ def _report(benchmark, machine, variants, med, floor=None):
 def bench_e2e_incremental_step(benchmark, machine):
     stream = make_stream()
     med = _run_variants(stream, VARIANTS, "cpu")
-    _report(benchmark, machine, VARIANTS, med, matmul_floor())
+    floors = {"matmul floor (MKL)": matmul_floor()}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        floors["matmul floor (oneDNN)"] = matmul_floor(nt=_onednn_nt)
+    _report(benchmark, machine, VARIANTS, med, floors)
 
 
 # On a GPU the fused ResMLP kernel does not run (CPU only): the experts are stacked through vmap,

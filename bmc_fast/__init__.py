@@ -2,7 +2,7 @@
 import torch  # noqa: F401  (loads libtorch before the extension, which has no RPATH to it)
 
 from . import _ext  # noqa: F401  (loads _C first: registers torch.ops.bmc_fast)
-from ._ext import backend_info
+from ._ext import backend_info, set_cpu_matmul
 from .ops import (
     batched_distillation_loss,
     stability_loss,
@@ -23,6 +23,7 @@ __all__ = [
     "task_masked_cross_entropy",
     "task_masked_kd_loss",
     "backend_info",
+    "set_cpu_matmul",
     "BMC",
     "BMCConfig",
     "Result",

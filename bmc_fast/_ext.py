@@ -74,6 +74,30 @@ def use_kernel(op: str, t: torch.Tensor) -> bool:
     return False
 
 
+_MATMUL_MODES = ("auto", "onednn", "mkl")
+if os.environ.get("BMC_FAST_MATMUL", "auto") not in _MATMUL_MODES:
+    raise ValueError(f"BMC_FAST_MATMUL must be one of {_MATMUL_MODES}, got {os.environ['BMC_FAST_MATMUL']!r}")
+
+
+def set_cpu_matmul(mode: str) -> str:
+    """Chooses the library for the float32 matrix products of bmc_fast's fused CPU ResMLP (the
+    training step and the eval forward): ``"mkl"`` (torch's own, through ``at::mm``), ``"onednn"``
+    (torch's ``mkldnn::_linear_pointwise``) or ``"auto"``: oneDNN on AMD processors with AVX-512,
+    where MKL runs its AVX2 code, MKL elsewhere (the default; ``BMC_FAST_MATMUL`` sets it at start).
+    Returns the library now in use ("onednn" or "mkl")."""
+    if not isinstance(mode, str) or mode not in _MATMUL_MODES:
+        raise ValueError(f"mode must be one of {_MATMUL_MODES}, got {mode!r}")
+    if not HAVE_EXTENSION:
+        return "mkl"
+    _C.set_cpu_matmul(mode)
+    return _C.cpu_matmul()
+
+
+def onednn_matmul() -> bool:
+    """Whether the fused ResMLP's float32 products go to oneDNN (see :func:`set_cpu_matmul`)."""
+    return HAVE_EXTENSION and _C.cpu_matmul() == "onednn"
+
+
 def backend_info() -> dict:
     """What was compiled and what runs: CPU kernel build, CUDA, versions, architectures."""
     if _C is None:
@@ -88,6 +112,7 @@ def backend_info() -> dict:
         "extension": True,
         "cpu": True,
         "cpu_capability": _C.cpu_capability(),
+        "cpu_matmul": _C.cpu_matmul(),
         "cuda": _C.cuda_built(),
         "cuda_version": _C.cuda_version() or None,
         "cuda_archs": _C.cuda_archs().split(",") if _C.cuda_archs() else [],

@@ -29,9 +29,21 @@ class _ResBlock(nn.Module):
         self.short, self.bn_s = nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x):
-        h = self.bn2(self.fc2(torch.relu(self.bn1(self.fc1(x)))))
-        return self.drop(torch.relu(h + self.bn_s(self.short(x))))
+    def forward(self, x, linear=None):
+        linear = linear or (lambda m, v: m(v))
+        h = self.bn2(linear(self.fc2, torch.relu(self.bn1(linear(self.fc1, x)))))
+        return self.drop(torch.relu(h + self.bn_s(linear(self.short, x))))
+
+
+# Products below this many multiply-adds stay on F.linear in the oneDNN eval path (its per-call
+# set-up outweighs its speed there; the same threshold as csrc/cpu/gemm.cpp).
+_MIN_ONEDNN_MACS = 1 << 20
+
+
+def _onednn_linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] * m.in_features * m.out_features < _MIN_ONEDNN_MACS:
+        return m(x)
+    return torch.ops.mkldnn._linear_pointwise(x, m.weight, m.bias, "none", [], "")
 
 
 class ResMLP(nn.Module):
@@ -63,8 +75,20 @@ class ResMLP(nn.Module):
     def forward(self, x):
         if self.fused and self.training and fused_path_available(self, x):
             return resmlp_train_forward(self, fused_args(self), x)
-        h = self.block2(self.block1(self.proj(x.flatten(1))))
+        x = x.flatten(1)
+        if self.fused and not self.training and self._onednn_eval(x):
+            # Eval without autograd (buffers, base features, accuracy): the matmuls through
+            # oneDNN where bmc_fast chose it (bmc_fast.set_cpu_matmul), the rest as below.
+            h = self.block2(self.block1(_onednn_linear(self.proj, x), _onednn_linear), _onednn_linear)
+            return _onednn_linear(self.head, h), h
+        h = self.block2(self.block1(self.proj(x)))
         return self.head(h), h
+
+    def _onednn_eval(self, x: torch.Tensor) -> bool:
+        return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and self._modules["proj"]._parameters["weight"].dtype == torch.float32
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+                and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _ext.onednn_matmul())
 
 
 _BLOCKS = ("block1", "block2")

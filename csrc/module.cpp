@@ -17,6 +17,8 @@
 
 namespace bmc_fast::cpu {
 const char* cpu_capability();
+bool onednn_matmul();
+void set_cpu_matmul(const std::string& mode);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -30,4 +32,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_archs", []() { return std::string(BMC_FAST_CUDA_ARCHS); });
   m.def("torch_version", []() { return std::string(BMC_FAST_TORCH_VERSION); });
   m.def("cpu_capability", []() { return std::string(bmc_fast::cpu::cpu_capability()); });
+  m.def("cpu_matmul", []() { return std::string(bmc_fast::cpu::onednn_matmul() ? "onednn" : "mkl"); });
+  m.def("set_cpu_matmul", &bmc_fast::cpu::set_cpu_matmul, "'auto', 'onednn' or 'mkl': the float32 matmuls of the fused ResMLP");
 }

@@ -356,3 +356,92 @@ def test_one_and_two_threads_agree():
         torch.set_num_threads(old)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def matmul_mode():
+    """Sets bmc_fast's CPU matmul library for one test and restores the default afterwards."""
+    import os
+
+    import bmc_fast
+
+    yield bmc_fast.set_cpu_matmul
+    bmc_fast.set_cpu_matmul(os.environ.get("BMC_FAST_MATMUL", "auto"))
+
+
+TRAINER_DIMS = (768, 128, 256, 256, 40)  # the trainer's ResMLP: products above oneDNN's size threshold
+
+
+@pytest.mark.parametrize("mode", ["mkl", "onednn"])
+@pytest.mark.parametrize("k", [None, 2])
+def test_trainer_shapes_match_reference_with_either_matmul(matmul_mode, mode, k):
+    # The products of the trainer's shapes go to oneDNN or MKL (csrc/cpu/gemm.cpp); both must
+    # give the reference's values and gradients (float32 tolerance: the libraries round differently).
+    if mode == "onednn" and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        pytest.skip("this torch has no oneDNN linear")
+    assert matmul_mode(mode) == mode
+    x, w, bs, bw, bb, rm, rv = make(k, 64, TRAINER_DIMS)
+    logits, feats = resmlp(x, w, bs, bw, bb, rm, rv, 0.1, 1e-5, [0.3, 0.3], [5, 6])
+    rl, rf = reference.resmlp(x, w, bs, bw, bb, [t.clone() for t in rm], [t.clone() for t in rv], 0.1, 1e-5,
+                              [0.3, 0.3], [5, 6])
+    torch.testing.assert_close(logits, rl, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(feats, rf, rtol=1e-4, atol=1e-4)
+    gl, gf = torch.randn_like(logits), torch.randn_like(feats)
+    weights = [x] + w + bw + bb
+    got = torch.autograd.grad((logits * gl).sum() + (feats * gf).sum(), weights)
+    want = torch.autograd.grad((rl * gl).sum() + (rf * gf).sum(), weights)
+    for i, (a, r) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-4 * r.abs().max().item(),
+                                   msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
+def test_eval_forward_is_the_same_with_either_matmul(matmul_mode):
+    # Without autograd, the eval forward of the fused ResMLP does its products through oneDNN
+    # when bmc_fast chose it; the plain modules are the oracle.
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    fused = ResMLP(768, 40).eval()
+    plain = copy.deepcopy(fused)
+    plain.fused = False
+    for m in fused.modules():  # non-trivial running statistics
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(300, 768)
+    with torch.no_grad():
+        want = plain(x)
+        for mode in ("onednn", "mkl"):
+            assert matmul_mode(mode) == mode
+            got = fused(x)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    matmul_mode("onednn")
+    try:  # which path ran: oneDNN only without autograd
+        torch.ops.mkldnn._linear_pointwise = lambda *a: calls.append(1) or real(*a)
+        with torch.no_grad():
+            fused(x)
+        n = len(calls)
+        fused(x)
+    finally:
+        torch.ops.mkldnn._linear_pointwise = real
+    assert n >= 5 and len(calls) == n
+
+
+def test_set_cpu_matmul_names_a_bad_mode():
+    import bmc_fast
+
+    with pytest.raises(ValueError, match="mode"):
+        bmc_fast.set_cpu_matmul("cublas")
+
+
+def test_a_bad_matmul_environment_variable_is_named(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "BMC_FAST_MATMUL": "fastest"}
+    r = subprocess.run([sys.executable, "-c", "import bmc_fast"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "BMC_FAST_MATMUL" in r.stderr

@@ -3,7 +3,7 @@
 // dispatches and one autograd node instead of ~25 ops and a dozen nodes, each with its Python
 // and autograd-engine overhead (at the trainer's B = 64 that overhead was as large as the math).
 //
-// Host code only (the DEFAULT build): the matrix products are at::mm/at::bmm (MKL/oneDNN), the
+// Host code only (the DEFAULT build): the matrix products are MKL's or oneDNN's (gemm.h), the
 // normalisation + activation + dropout is the bn_relu_dropout kernel, called directly.
 //
 // Layout. x is [B, I] with weights [O, I] (one model) or [K, B, I] with weights [K, O, I] (K
@@ -14,11 +14,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/baddbmm.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
@@ -30,6 +26,7 @@
 #include <vector>
 
 #include "bn_relu_dropout.h"
+#include "gemm.h"
 #include "host_utils.h"
 
 namespace bmc_fast::cpu {
@@ -39,28 +36,17 @@ namespace {
 using TensorVec = std::vector<at::Tensor>;
 constexpr size_t kSavedPerBlock = 10;
 
-// x W^T (+ b)
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b) {
-  if (w.dim() == 2) return b != nullptr ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
-  return b != nullptr ? at::baddbmm(b->unsqueeze(1), x, w.transpose(1, 2)) : at::bmm(x, w.transpose(1, 2));
-}
+// x W^T (+ b); the products go through gemm.h (MKL or oneDNN).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b) { return matmul_nt(x, w, b); }
 
-// d/dW of x W^T given g = d/d(x W^T): g^T x, contiguous [O, I] / [K, O, I] like the weight.
-at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x) {
-  return g.dim() == 2 ? at::mm(g.t(), x) : at::bmm(g.transpose(1, 2), x);
-}
+at::Tensor t_last(const at::Tensor& t) { return t.transpose(-1, -2); }
 
-at::Tensor input_grad(const at::Tensor& g, const at::Tensor& w) {
-  return g.dim() == 2 ? at::mm(g, w) : at::bmm(g, w);
-}
+// d/dW of x W^T given g = d/d(x W^T): g^T x, [O, I] / [K, O, I] like the weight.
+at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x) { return matmul_nt(t_last(g), t_last(x)); }
 
-void add_input_grad(at::Tensor& acc, const at::Tensor& g, const at::Tensor& w) {
-  if (g.dim() == 2) {
-    acc.addmm_(g, w);
-  } else {
-    acc.baddbmm_(g, w);
-  }
-}
+at::Tensor input_grad(const at::Tensor& g, const at::Tensor& w) { return matmul_nt(g, t_last(w)); }
+
+void add_input_grad(at::Tensor& acc, const at::Tensor& g, const at::Tensor& w) { matmul_nt_add_(acc, g, t_last(w)); }
 
 at::Tensor bias_grad(const at::Tensor& g) { return g.sum(g.dim() - 2); }
 
