@@ -7,7 +7,9 @@ call): per residual block three matmuls and two passes of the ``bn_relu_dropout`
 (BatchNorm with batch statistics, the residual sum, ReLU and dropout), instead of some twenty
 small eager ops and their autograd nodes. :func:`resmlp_forward` runs the same path over K
 stacked models ``[K, B, ...]`` for the parallel experts. Eval mode, other devices and
-dtypes, autocast, ``torch.compile`` and ``vmap`` use the plain modules.
+dtypes, autocast, ``torch.compile`` and ``vmap`` use the plain modules; without autograd, the
+eval forward of a fused float32 CPU model does its large products through oneDNN where
+bmc_fast chose it (:func:`bmc_fast.set_cpu_matmul`).
 """
 from __future__ import annotations
 

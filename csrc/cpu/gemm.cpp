@@ -31,7 +31,11 @@ const c10::TypedOperatorHandle<LinearPointwise>* linear_pointwise() {
       []() -> std::optional<c10::TypedOperatorHandle<LinearPointwise>> {
     auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
     if (!handle.has_value()) return std::nullopt;
-    return handle->typed<LinearPointwise>();
+    try {
+      return handle->typed<LinearPointwise>();
+    } catch (const c10::Error&) {  // another schema in some torch release: stay on MKL
+      return std::nullopt;
+    }
   }();
   return op.has_value() ? &*op : nullptr;
 }
