@@ -32,9 +32,13 @@ class _ResBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, linear=None):
-        linear = linear or (lambda m, v: m(v))
+        linear = linear or _module_linear
         h = self.bn2(linear(self.fc2, torch.relu(self.bn1(linear(self.fc1, x)))))
         return self.drop(torch.relu(h + self.bn_s(linear(self.short, x))))
+
+
+def _module_linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return m(x)
 
 
 # Products below this many multiply-adds stay on F.linear in the oneDNN eval path (its per-call

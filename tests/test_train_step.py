@@ -311,3 +311,26 @@ def test_a_bad_label_of_the_last_expert_changes_no_expert():
             assert torch.equal(t, before[n]), n
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_split_step_names_a_bad_range_or_base_tensor():
+    # Inputs the split cannot slice run as one call over the stack, whose checks name them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        k = 4
+        step, params, _, _ = _stacked_step(k)
+        off = torch.arange(k).mul(3).repeat_interleave(16)
+        ln = torch.full((k * 16,), 3)
+        x, y = torch.randn(k, 16, 12), torch.randint(0, 3, (k * 16,)) + off
+        before = {n: t.clone() for n, t in params.items()}
+        with pytest.raises(ValueError, match="task_offset"):
+            step(x, y, off[:-5], ln, 1 / 16, "sum")
+        with pytest.raises(ValueError, match="task_len"):
+            step(x, y, off, ln[:3], 1 / 16, "sum")
+        with pytest.raises(ValueError, match="stability_base"):
+            step(x, y, off, ln, 1 / 16, "sum", stability=(torch.randn(k - 1, 16, 16), 0.5))
+        for n, t in params.items():
+            assert torch.equal(t, before[n]), n
+    finally:
+        torch.set_num_threads(threads)

@@ -12,7 +12,6 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -41,8 +40,8 @@ const c10::TypedOperatorHandle<LinearPointwise>* linear_pointwise() {
 }
 
 bool decide(const std::string& mode, const char* what) {
-  TORCH_CHECK_VALUE(mode == "auto" || mode == "onednn" || mode == "mkl", what, " must be 'auto', 'onednn' or 'mkl', got '",
-                    mode, "'");
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "onednn" || mode == "mkl", what,
+                    " must be 'auto', 'onednn' or 'mkl', got '", mode, "'");
   if (mode == "mkl" || linear_pointwise() == nullptr) return false;
   if (mode == "onednn") return true;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -53,7 +52,14 @@ bool decide(const std::string& mode, const char* what) {
 #endif
 }
 
+std::atomic<int> g_choice{-1};  // 1: oneDNN, 0: MKL, -1: not decided yet
+
 constexpr int64_t kMinOnednnMacs = int64_t{1} << 20;
+
+bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t macs = a.size(-2) * a.size(-1) * b.size(-2);
+  return a.scalar_type() == at::kFloat && macs >= kMinOnednnMacs && onednn_matmul();
+}
 
 at::Tensor mkl_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
   if (a.dim() == 2) return bias != nullptr ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
@@ -67,31 +73,17 @@ at::Tensor onednn_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor*
 
 }  // namespace
 
-std::atomic<int>& choice() {  // -1: not decided yet
-  static std::atomic<int> value{-1};
-  return value;
-}
-
 bool onednn_matmul() {
-  int v = choice().load(std::memory_order_relaxed);
-  if (v < 0) {
+  int v = g_choice.load(std::memory_order_relaxed);
+  if (v < 0) {  // two threads deciding at once decide the same
     const char* env = std::getenv("BMC_FAST_MATMUL");
     v = decide(env == nullptr ? "auto" : env, "BMC_FAST_MATMUL") ? 1 : 0;
-    choice().store(v, std::memory_order_relaxed);
+    g_choice.store(v, std::memory_order_relaxed);
   }
   return v == 1;
 }
 
-void set_cpu_matmul(const std::string& mode) { choice().store(decide(mode, "mode") ? 1 : 0); }
-
-namespace {
-
-bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t macs = a.size(-2) * a.size(-1) * b.size(-2);
-  return a.scalar_type() == at::kFloat && macs >= kMinOnednnMacs && onednn_matmul();
-}
-
-}  // namespace
+void set_cpu_matmul(const std::string& mode) { g_choice.store(decide(mode, "mode") ? 1 : 0); }
 
 at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
   if (!use_onednn(a, b)) return mkl_nt(a, b, bias);

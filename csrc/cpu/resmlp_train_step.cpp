@@ -196,8 +196,13 @@ struct ResMLPTrainStep : torch::CustomClassHolder {
     const int64_t threads = at::get_num_threads();
     const bool splittable = split && x.dim() == 3 && !at::in_parallel_region() && threads >= 2 &&
                             all.kk >= threads && x.size(0) == all.kk && labels.dim() == 1 &&
-                            labels.size(0) == x.size(0) * x.size(1) && ce_reduction == "sum" &&
+                            labels.size(0) == x.size(0) * x.size(1) && ce_offset.dim() == 1 &&
+                            ce_offset.size(0) == labels.size(0) && ce_len.dim() == 1 &&
+                            ce_len.size(0) == labels.size(0) && ce_reduction == "sum" &&
+                            (!stability_base.has_value() ||
+                             (stability_base->dim() >= 1 && stability_base->size(0) == all.kk)) &&
                             !distill_teacher.has_value() && !kd_teacher.has_value();
+    // (Anything else runs as one call over the stack, whose checks name the bad argument.)
     if (!splittable) {
       SliceGrads g = run(all, true);
       update(all, g);
@@ -253,6 +258,9 @@ struct ResMLPTrainStep : torch::CustomClassHolder {
     }
     if (stability_base.has_value()) {
       // One model's [B, F] features against a [1, B, F] base, as the trainer views them.
+      TORCH_CHECK_VALUE(stability_base->numel() == features.numel(), "stability_base must hold the ",
+                        features.numel(), " elements of the features ", features.sizes(), ", got ",
+                        stability_base->sizes());
       auto [l, g, per] = stability_loss_cpu(features.view(stability_base->sizes()), *stability_base, std::nullopt,
                                             "sum", true);
       loss = add_term(loss, l, stability_coef);
