@@ -254,83 +254,79 @@ def _stacked_step(k, seed=0):
     return step, params, buffers, opt
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _split_batch(k):
+    """A batch of k experts with 3 classes each: (ranges' offsets and lengths per row, x, labels)."""
+    off = torch.arange(k).mul(3).repeat_interleave(16)
+    ln = torch.full((k * 16,), 3)
+    return off, ln, torch.randn(k, 16, 12), torch.randint(0, 3, (k * 16,)) + off
+
+
 @pytest.mark.parametrize("k", [2, 3, 4, 5])
-def test_stacked_experts_split_over_the_threads_train_the_same(k):
+def test_stacked_experts_split_over_the_threads_train_the_same(k, two_threads):
     # Each thread runs the whole step of its own experts: the dropout masks, running statistics,
     # parameters and moments must be those of one call over the whole stack.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        out = {}
-        for split in (True, False):
-            step, params, buffers, opt = _stacked_step(k)
-            step._obj.set_split(split)
-            g = torch.Generator().manual_seed(1)
-            off = torch.arange(k).mul(3).repeat_interleave(16)
-            ln = torch.full((k * 16,), 3)
-            torch.manual_seed(2)
-            losses = []
-            for _ in range(4):
-                x = torch.randn(k, 16, 12, generator=g)
-                y = torch.randint(0, 3, (k * 16,), generator=g) + off
-                hb = torch.randn(k, 16, 16, generator=g)
-                losses.append(step(x, y, off, ln, 1 / 16, "sum", stability=(hb, 0.5)))
-            out[split] = (params, buffers, opt._caches[0], torch.stack(losses))
-        (p1, b1, c1, l1), (p0, b0, c0, l0) = out[True], out[False]
-        for n in p1:
-            torch.testing.assert_close(p1[n], p0[n], rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
-        for n in b1:
-            torch.testing.assert_close(b1[n], b0[n], rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
-        for a, b in zip(c1.exp_avg_sqs, c0.exp_avg_sqs):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
-        torch.testing.assert_close(l1, l0)  # summed in another order
-        assert float(b1["block1.bn1.num_batches_tracked"][0]) == 4
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_a_bad_label_of_the_last_expert_changes_no_expert():
-    # The split step checks every slice before any thread writes its parameters.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        k = 4
+    out = {}
+    for split in (True, False):
         step, params, buffers, opt = _stacked_step(k)
+        step._obj.set_split(split)
+        g = torch.Generator().manual_seed(1)
         off = torch.arange(k).mul(3).repeat_interleave(16)
         ln = torch.full((k * 16,), 3)
-        x, y = torch.randn(k, 16, 12), torch.randint(0, 3, (k * 16,)) + off
-        step(x, y, off, ln, 1 / 16, "sum")
-        before = {n: t.clone() for n, t in {**params, **buffers}.items()}
-        count = int(opt._caches[0].count)
-        bad = y.clone()
-        bad[-1] = 0  # the last expert's range is [9, 12)
-        with pytest.raises(ValueError, match="label"):
-            step(x, bad, off, ln, 1 / 16, "sum")
-        assert int(opt._caches[0].count) == count
-        for n, t in {**params, **buffers}.items():
-            assert torch.equal(t, before[n]), n
-    finally:
-        torch.set_num_threads(threads)
+        torch.manual_seed(2)
+        losses = []
+        for _ in range(4):
+            x = torch.randn(k, 16, 12, generator=g)
+            y = torch.randint(0, 3, (k * 16,), generator=g) + off
+            hb = torch.randn(k, 16, 16, generator=g)
+            losses.append(step(x, y, off, ln, 1 / 16, "sum", stability=(hb, 0.5)))
+        out[split] = (params, buffers, opt._caches[0], torch.stack(losses))
+    (p1, b1, c1, l1), (p0, b0, c0, l0) = out[True], out[False]
+    for n in p1:
+        torch.testing.assert_close(p1[n], p0[n], rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+    for n in b1:
+        torch.testing.assert_close(b1[n], b0[n], rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+    for a, b in zip(c1.exp_avg_sqs, c0.exp_avg_sqs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(l1, l0)  # summed in another order
+    assert float(b1["block1.bn1.num_batches_tracked"][0]) == 4
 
 
-def test_the_split_step_names_a_bad_range_or_base_tensor():
+def test_a_bad_label_of_the_last_expert_changes_no_expert(two_threads):
+    # The split step checks every slice before any thread writes its parameters.
+    k = 4
+    step, params, buffers, opt = _stacked_step(k)
+    off, ln, x, y = _split_batch(k)
+    step(x, y, off, ln, 1 / 16, "sum")
+    before = {n: t.clone() for n, t in {**params, **buffers}.items()}
+    count = int(opt._caches[0].count)
+    bad = y.clone()
+    bad[-1] = 0  # the last expert's range is [9, 12)
+    with pytest.raises(ValueError, match="label"):
+        step(x, bad, off, ln, 1 / 16, "sum")
+    assert int(opt._caches[0].count) == count
+    for n, t in {**params, **buffers}.items():
+        assert torch.equal(t, before[n]), n
+
+
+def test_the_split_step_names_a_bad_range_or_base_tensor(two_threads):
     # Inputs the split cannot slice run as one call over the stack, whose checks name them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        k = 4
-        step, params, _, _ = _stacked_step(k)
-        off = torch.arange(k).mul(3).repeat_interleave(16)
-        ln = torch.full((k * 16,), 3)
-        x, y = torch.randn(k, 16, 12), torch.randint(0, 3, (k * 16,)) + off
-        before = {n: t.clone() for n, t in params.items()}
-        with pytest.raises(ValueError, match="task_offset"):
-            step(x, y, off[:-5], ln, 1 / 16, "sum")
-        with pytest.raises(ValueError, match="task_len"):
-            step(x, y, off, ln[:3], 1 / 16, "sum")
-        with pytest.raises(ValueError, match="stability_base"):
-            step(x, y, off, ln, 1 / 16, "sum", stability=(torch.randn(k - 1, 16, 16), 0.5))
-        for n, t in params.items():
-            assert torch.equal(t, before[n]), n
-    finally:
-        torch.set_num_threads(threads)
+    k = 4
+    step, params, _, _ = _stacked_step(k)
+    off, ln, x, y = _split_batch(k)
+    before = {n: t.clone() for n, t in params.items()}
+    with pytest.raises(ValueError, match="task_offset"):
+        step(x, y, off[:-5], ln, 1 / 16, "sum")
+    with pytest.raises(ValueError, match="task_len"):
+        step(x, y, off, ln[:3], 1 / 16, "sum")
+    with pytest.raises(ValueError, match="stability_base"):
+        step(x, y, off, ln, 1 / 16, "sum", stability=(torch.randn(k - 1, 16, 16), 0.5))
+    for n, t in params.items():
+        assert torch.equal(t, before[n]), n
