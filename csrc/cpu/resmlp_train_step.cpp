@@ -6,13 +6,14 @@
 //
 // A torch custom class so that the 28 parameter and 56 optimizer-state tensors are handed over
 // once, not converted from Python lists on every step. Host code only (the DEFAULT build).
-#include <ATen/ops/_foreach_add.h>
-#include <ATen/ops/add.h>
-#include <ATen/ops/_foreach_lerp.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_lerp.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -173,6 +174,10 @@ struct ResMLPTrainStep : torch::CustomClassHolder {
                   double stability_coef, std::optional<at::Tensor> kd_teacher, std::optional<at::Tensor> kd_offset,
                   std::optional<at::Tensor> kd_len, double kd_temperature, double kd_coef, double lr, double beta1,
                   double beta2, double weight_decay, double adam_eps, int64_t step) {
+    // Every gradient here is computed by hand: no op of the step may record an autograd graph
+    // (the parameters require grad, so the matmuls would, whatever the caller's grad mode).
+    // The worker threads below inherit this through the thread-local state.
+    const at::AutoDispatchBelowADInplaceOrView no_autograd;
     const auto run = [&](const Slice& s, bool whole) {
       if (whole) {
         return forward_backward(s, x, seeds, labels, ce_offset, ce_len, ce_scale, ce_reduction, distill_teacher,
