@@ -22,6 +22,7 @@ Variants, timed round-robin, each a (experts, losses, backbone, optimizer) choic
 
 Writes a table to benchmarks/out/e2e-*.md and the rows to the pytest-benchmark JSON.
 """
+import contextlib
 import os
 import statistics
 import time
@@ -70,21 +71,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def one_step(stream, variant, device="cpu", variants=None):
-    opts = dict((variants or VARIANTS)[variant])
-    env = opts.pop("env", {})
+@contextlib.contextmanager
+def _settings(env: dict, matmul: str | None):
+    """A variant's environment variables and CPU matmul library, restored afterwards."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    set_cpu_matmul(opts.pop("matmul", os.environ.get("BMC_FAST_MATMUL", "auto")))
+    default = os.environ.get("BMC_FAST_MATMUL", "auto")
+    set_cpu_matmul(matmul or default)
     try:
-        return _timed_step(stream, opts, device)
+        yield
     finally:
-        set_cpu_matmul(os.environ.get("BMC_FAST_MATMUL", "auto"))
+        set_cpu_matmul(default)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def one_step(stream, variant, device="cpu", variants=None):
+    opts = dict((variants or VARIANTS)[variant])
+    with _settings(opts.pop("env", {}), opts.pop("matmul", None)):
+        return _timed_step(stream, opts, device)
 
 
 def _timed_step(stream, opts, device):

@@ -98,6 +98,10 @@ def onednn_matmul() -> bool:
     return HAVE_EXTENSION and _C.cpu_matmul() == "onednn"
 
 
+# Products of fewer multiply-adds stay on MKL even where oneDNN is chosen (csrc/cpu/gemm.h).
+ONEDNN_MIN_MACS = _C.onednn_min_macs() if HAVE_EXTENSION else 0
+
+
 def backend_info() -> dict:
     """What was compiled and what runs: CPU kernel build, CUDA, versions, architectures."""
     if _C is None:

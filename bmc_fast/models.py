@@ -41,13 +41,8 @@ def _module_linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
-# Products below this many multiply-adds stay on F.linear in the oneDNN eval path (its per-call
-# set-up outweighs its speed there; the same threshold as csrc/cpu/gemm.cpp).
-_MIN_ONEDNN_MACS = 1 << 20
-
-
 def _onednn_linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] * m.in_features * m.out_features < _MIN_ONEDNN_MACS:
+    if x.shape[0] * m.in_features * m.out_features < _ext.ONEDNN_MIN_MACS:  # as csrc/cpu/gemm.cpp
         return m(x)
     return torch.ops.mkldnn._linear_pointwise(x, m.weight, m.bias, "none", [], "")
 
@@ -91,10 +86,8 @@ class ResMLP(nn.Module):
         return self.head(h), h
 
     def _onednn_eval(self, x: torch.Tensor) -> bool:
-        return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and self._modules["proj"]._parameters["weight"].dtype == torch.float32
-                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
-                and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _ext.onednn_matmul())
+        return (not torch.is_grad_enabled() and x.dtype == torch.float32 and _eager_cpu_input(self, x)
+                and _ext.onednn_matmul())
 
 
 _BLOCKS = ("block1", "block2")
@@ -124,18 +117,24 @@ def fused_path_available(model: nn.Module, x: torch.Tensor) -> bool:
     standard BatchNorm layers (affine, running statistics, one eps and momentum), float32/float64
     CPU tensors, the extension loaded, no autocast, not under torch.compile or functorch
     transforms, at least 2 rows (batch statistics)."""
-    if not (_ext.HAVE_EXTENSION and isinstance(model, ResMLP) and isinstance(x, torch.Tensor)):
+    if not (isinstance(model, ResMLP) and isinstance(x, torch.Tensor)):
         return False
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 2 or x.shape[0] < 2:
+    if x.dtype not in (torch.float32, torch.float64) or x.dim() < 2 or x.shape[0] < 2:
         return False
-    if (model._modules["proj"]._parameters["weight"].dtype != x.dtype or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled("cpu")):
-        return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if not _eager_cpu_input(model, x):
         return False
     bns = _bns(model)
     return all(bn.affine and bn.track_running_stats and bn.eps == bns[0].eps and bn.momentum == bns[0].momentum
                for bn in bns)
+
+
+def _eager_cpu_input(model: ResMLP, x: torch.Tensor) -> bool:
+    """What every fused CPU path of a ResMLP needs: the extension loaded, ``x`` a plain CPU tensor
+    of the parameters' dtype, no autocast, not under torch.compile or functorch transforms."""
+    return (_ext.HAVE_EXTENSION and x.device.type == "cpu"
+            and model._modules["proj"]._parameters["weight"].dtype == x.dtype
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def fused_args(model: ResMLP, params: dict | None = None, buffers: dict | None = None) -> tuple:

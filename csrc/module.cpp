@@ -3,6 +3,7 @@
 // through torch.ops.bmc_fast, so no torch/pybind11 casters are compiled here.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <string>
 
 #ifndef BMC_FAST_CUDA_VERSION
@@ -19,6 +20,7 @@ namespace bmc_fast::cpu {
 const char* cpu_capability();
 bool onednn_matmul();
 void set_cpu_matmul(const std::string& mode);
+int64_t onednn_min_macs();
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -33,5 +35,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("torch_version", []() { return std::string(BMC_FAST_TORCH_VERSION); });
   m.def("cpu_capability", []() { return std::string(bmc_fast::cpu::cpu_capability()); });
   m.def("cpu_matmul", []() { return std::string(bmc_fast::cpu::onednn_matmul() ? "onednn" : "mkl"); });
+  m.def("onednn_min_macs", &bmc_fast::cpu::onednn_min_macs);
   m.def("set_cpu_matmul", &bmc_fast::cpu::set_cpu_matmul, "'auto', 'onednn' or 'mkl': the float32 matmuls of the fused ResMLP");
 }

@@ -54,8 +54,6 @@ bool decide(const std::string& mode, const char* what) {
 
 std::atomic<int> g_choice{-1};  // 1: oneDNN, 0: MKL, -1: not decided yet
 
-constexpr int64_t kMinOnednnMacs = int64_t{1} << 20;
-
 bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
   const int64_t macs = a.size(-2) * a.size(-1) * b.size(-2);
   return a.scalar_type() == at::kFloat && macs >= kMinOnednnMacs && onednn_matmul();
@@ -82,6 +80,8 @@ bool onednn_matmul() {
   }
   return v == 1;
 }
+
+int64_t onednn_min_macs() { return kMinOnednnMacs; }
 
 void set_cpu_matmul(const std::string& mode) { g_choice.store(decide(mode, "mode") ? 1 : 0); }
 

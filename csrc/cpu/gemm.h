@@ -16,6 +16,10 @@
 
 namespace bmc_fast::cpu {
 
+// Products of fewer multiply-adds than this stay on MKL (oneDNN's per-call set-up costs more).
+constexpr int64_t kMinOnednnMacs = int64_t{1} << 20;
+int64_t onednn_min_macs();  // the same, for bmc_fast._C
+
 // Whether float32 products go to oneDNN (decided from BMC_FAST_MATMUL on first use).
 bool onednn_matmul();
 
