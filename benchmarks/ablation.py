@@ -10,9 +10,9 @@ import statistics
 import time
 
 from bmc_fast import BMC, BMCConfig
-from bmc_fast.baselines import finetune, joint
+from bmc_fast.train.baselines import finetune, joint
 from bmc_fast.data import demo_stream
-from bmc_fast.models import ResMLP
+from bmc_fast.backbone import ResMLP
 
 VARIANTS = {
     "BMC (stability + distillation)": {},

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from bmc_fast.models import ResMLP
+from bmc_fast.backbone import ResMLP
 from bmc_fast.optim import AdamW
 import shapes
 from _harness import time_and_record

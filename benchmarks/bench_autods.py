@@ -50,7 +50,7 @@ def _rss_mb():
 
 
 def bench_autods_read_throughput(benchmark, machine):
-    from bmc_fast.autods import convert_autods, load_autods, load_features
+    from bmc_fast.data.autods import convert_autods, load_autods, load_features
 
     with tempfile.TemporaryDirectory() as tmp:
         root, out = os.path.join(tmp, "autods"), os.path.join(tmp, "conv")
@@ -77,8 +77,8 @@ def bench_autods_read_throughput(benchmark, machine):
 
 
 def bench_autods_open_71_tasks(benchmark, machine):
-    from bmc_fast.autods import load_features
-    from bmc_fast.autods import _save_npy  # noqa: F401  (format writer)
+    from bmc_fast.data.autods import load_features
+    from bmc_fast.data.autods import _save_npy  # noqa: F401  (format writer)
     import json
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +86,7 @@ def bench_autods_open_71_tasks(benchmark, machine):
         os.makedirs(out)
         rng = np.random.default_rng(0)
         index = {"format": "bmc_fast-features-v1", "dtype": "float16", "input_dim": DIM, "tasks": []}
-        from bmc_fast.autods import _save_npy as save
+        from bmc_fast.data.autods import _save_npy as save
         for t in range(TASKS):
             e = {"name": f"task{t:02d}", "num_classes": 10}
             for split, n in (("train", N_SMALL), ("test", N_SMALL // 5)):

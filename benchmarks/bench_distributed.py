@@ -19,8 +19,8 @@ import json, os, sys, time, torch
 torch.set_num_threads(1)
 from bmc_fast import BMC, BMCConfig
 from bmc_fast.data import Task, TaskStream
-from bmc_fast.distributed import init_from_env, fit_distributed, shutdown
-import bmc_fast.distributed as Dm
+from bmc_fast.train.distributed import init_from_env, fit_distributed, shutdown
+import bmc_fast.train.distributed as Dm
 g = torch.Generator().manual_seed(0)
 tasks = []
 for t in range({TASKS}):

@@ -31,11 +31,12 @@ import pytest
 import torch
 
 from bmc_fast import set_cpu_matmul
-from bmc_fast.bmc import BMCConfig, consolidate
+from bmc_fast.train import BMCConfig
+from bmc_fast.train.consolidation import consolidate
 from bmc_fast.data import Task, TaskStream
-from bmc_fast.experts import train_experts
-from bmc_fast.memory import Memory
-from bmc_fast.models import ResMLP
+from bmc_fast.train.experts import train_experts
+from bmc_fast.train.memory import Memory
+from bmc_fast.backbone import ResMLP
 import shapes
 
 K, N, D, C_PER_TASK = (4, 10_000, 768, 10) if not shapes.QUICK else (2, 256, 32, 4)
@@ -177,7 +178,7 @@ def _run_variants(stream, variants, device):
 
 
 def _one_call(o: dict) -> bool:
-    """Whether a CPU variant trains through the one-call step (bmc_fast.train_step)."""
+    """Whether a CPU variant trains through the one-call step (bmc_fast.backbone.train_step)."""
     return (o.get("losses") == "fused" and o.get("fused_backbone", True) and o.get("fused_optimizer", True)
             and o.get("fused_step", True))
 

@@ -11,8 +11,8 @@ from .ops import (
     weight_stability_loss,
 )
 from . import nn, optim, reference  # noqa: E402
-from .bmc import BMC, BMCConfig  # noqa: E402
-from .metrics import Result  # noqa: E402
+from .backbone import ResMLP  # noqa: E402
+from .train import BMC, BMCConfig, Result  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "BMC",
     "BMCConfig",
     "Result",
+    "ResMLP",
     "nn",
     "optim",
     "reference",

@@ -24,9 +24,9 @@ def _table(results) -> str:
 
 def _run(args) -> int:
 
-    from .baselines import finetune, joint
-    from .bmc import BMC, BMCConfig
     from .data import demo_stream, load_features
+    from .train import BMC, BMCConfig
+    from .train.baselines import finetune, joint
 
     overrides = dict(n_experts=args.experts, epochs=args.epochs, consolidation_epochs=args.consolidation_epochs,
                      stability=args.stability, device=args.device, seed=args.seed, parallel=args.parallel,
@@ -43,7 +43,7 @@ def _run(args) -> int:
         return 2
     load = (lambda: load_features(args.features)) if args.features else (lambda: demo_stream(seed=args.seed))
     if args.distributed:
-        from .distributed import DistributedError, exit_after_failure, init_from_env, load_on_every_rank
+        from .train.distributed import DistributedError, exit_after_failure, init_from_env, load_on_every_rank
 
         try:
             init_from_env(timeout_s=args.timeout)
@@ -71,7 +71,7 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     bmc = BMC(cfg)
     if args.distributed:
-        from .distributed import DistributedError, exit_after_failure, finish, fit_distributed
+        from .train.distributed import DistributedError, exit_after_failure, finish, fit_distributed
 
         rank = int(os.environ.get("RANK", "0"))
         try:
@@ -108,7 +108,7 @@ def _run(args) -> int:
 
 
 def _convert(args) -> int:
-    from .autods import convert_autods
+    from .data.autods import convert_autods
 
     convert_autods(args.root, args.out, dtype=args.dtype, feats_name=args.feats_name, progress=not args.quiet)
     return 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bmc_fast import BMC, BMCConfig
-from bmc_fast.autods import UnsafePickleError, convert_autods, load_autods, load_features, safe_unpickle
+from bmc_fast.data.autods import UnsafePickleError, convert_autods, load_autods, load_features, safe_unpickle
 
 DIM = 12
 
@@ -174,7 +174,7 @@ def test_convert_and_load_features_lazily(root, tmp_path):
 def test_killed_conversion_leaves_only_complete_tasks(root, tmp_path, monkeypatch):
     r, _ = root
     out = tmp_path / "conv"
-    import bmc_fast.autods as A
+    import bmc_fast.data.autods as A
 
     calls = {"n": 0}
     real = A._save_npy

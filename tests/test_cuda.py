@@ -80,8 +80,8 @@ def test_cuda_trainer_modes(mode):
     # train experts whose buffers agree with the CPU's.
     from bmc_fast import BMCConfig
     from bmc_fast.data import demo_stream
-    from bmc_fast.experts import train_experts
-    from bmc_fast.models import ResMLP
+    from bmc_fast.train.experts import train_experts
+    from bmc_fast.backbone import ResMLP
 
     stream = demo_stream()
     out = {}

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from bmc_fast.metrics import Result
+from bmc_fast.train.metrics import Result
 
 CFG = dict(n_experts=2, epochs=1, consolidation_epochs=2, batch_size=32, consolidation_batch_size=32,
            dropout=0.0, progress=False, seed=4)
@@ -18,8 +18,8 @@ import os, sys, torch
 torch.set_num_threads(1)
 from bmc_fast import BMC, BMCConfig
 from bmc_fast.data import demo_stream
-from bmc_fast.distributed import init_from_env, fit_distributed
-import bmc_fast.distributed as D
+from bmc_fast.train.distributed import init_from_env, fit_distributed
+import bmc_fast.train.distributed as D
 mode, out = sys.argv[1], sys.argv[2]
 cfg = BMCConfig(**{CFG})
 

@@ -7,7 +7,7 @@ import torch
 from torch.func import stack_module_state
 
 from bmc_fast import reference
-from bmc_fast.models import ResMLP, fused_path_available, resmlp_forward
+from bmc_fast.backbone import ResMLP, fused_path_available, resmlp_forward
 from bmc_fast.ops import resmlp
 from conftest import TOL
 

@@ -1,16 +1,17 @@
-"""The whole training step in one C++ call (bmc_fast.train_step) against the autograd path."""
+"""The whole training step in one C++ call (bmc_fast.backbone.train_step) against the autograd path."""
 import numpy as np
 import pytest
 import torch
 
 from bmc_fast import _ext
-from bmc_fast.bmc import BMCConfig, consolidate
+from bmc_fast.train import BMCConfig
+from bmc_fast.train.consolidation import consolidate
 from bmc_fast.data import Task, TaskStream
-from bmc_fast.experts import adamw, train_experts
-from bmc_fast.memory import Memory
-from bmc_fast.models import ResMLP, fused_args
+from bmc_fast.train.experts import adamw, train_experts
+from bmc_fast.train.memory import Memory
+from bmc_fast.backbone import ResMLP, fused_args
 from bmc_fast.optim import AdamW
-from bmc_fast.train_step import fused_train_step
+from bmc_fast.backbone.train_step import fused_train_step
 
 pytestmark = pytest.mark.skipif(not _ext.HAVE_EXTENSION, reason="needs the compiled extension")
 
@@ -58,7 +59,7 @@ def assert_same(a, b):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the fused steps taken (so a test knows the fused path ran)."""
-    import bmc_fast.train_step as ts
+    import bmc_fast.backbone.train_step as ts
 
     n = [0]
     real = ts.FusedTrainStep.__call__
@@ -198,7 +199,7 @@ def test_a_bad_batch_raises_and_changes_nothing():
 
 @pytest.mark.parametrize("which", ["finetune", "joint"])
 def test_baselines_train_the_same_with_the_fused_step(which, calls):
-    from bmc_fast import baselines
+    from bmc_fast.train import baselines
 
     stream = make_stream(k=2, seed=2)
     model_fn = lambda d, c: ResMLP(d, c, hidden=8, width=16)  # noqa: E731

@@ -11,10 +11,10 @@ import torch
 
 from bmc_fast import BMC, BMCConfig
 from bmc_fast.data import Task, TaskStream, demo_stream
-from bmc_fast.experts import train_experts
-from bmc_fast.memory import Buffer, Memory, even_quotas
-from bmc_fast.metrics import Result
-from bmc_fast.models import ResMLP
+from bmc_fast.train.experts import train_experts
+from bmc_fast.train.memory import Buffer, Memory, even_quotas
+from bmc_fast.train.metrics import Result
+from bmc_fast.backbone import ResMLP
 
 TINY = dict(epochs=1, consolidation_epochs=2, batch_size=32, consolidation_batch_size=32, progress=False)
 
@@ -253,7 +253,7 @@ def test_checkpoint_resume_after_a_kill_gives_the_same_result(tmp_path):
 
 
 def test_checkpoint_refuses_code_and_other_streams(tmp_path):
-    from bmc_fast.checkpoint import load_checkpoint
+    from bmc_fast.train.checkpoint import load_checkpoint
 
     class Evil:
         def __reduce__(self):

@@ -17,7 +17,7 @@ BACKWARD_OP = "bmc_fast::resmlp_backward"
 
 def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, running_vars=None, momentum: float = 0.1,
            eps: float = 1e-5, p=None, seeds=None):
-    r"""Training-mode forward of a ResMLP (BMC-SPEC §2; :class:`bmc_fast.models.ResMLP`):
+    r"""Training-mode forward of a ResMLP (BMC-SPEC §2; :class:`bmc_fast.backbone.ResMLP`):
     ``h = x Wp^T + bp``, then per residual block
     ``h = drop(relu(BN2(fc2(relu(BN1(fc1(h))))) + BNs(short(h))))``, then ``logits = h Wh^T + bh``.
     BatchNorm uses the batch statistics (training mode).

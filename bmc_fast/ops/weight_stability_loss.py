@@ -18,7 +18,7 @@ def weight_stability_loss(expert_params: torch.Tensor, base_params: torch.Tensor
 
     Args:
         expert_params: ``[K, P]`` flattened parameters of K experts (see
-            :func:`bmc_fast.experts.flat_params`).
+            :func:`bmc_fast.train.experts.flat_params`).
         base_params: ``[P]`` the base model's parameters, same dtype.
         importance: optional ``[P]`` non-negative per-parameter importance (e.g. a Fisher
             diagonal); 1 when omitted.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _ext
+from .. import _ext
 
 __all__ = ["ResMLP", "resmlp_forward", "resmlp_train_forward", "fused_args", "fused_path_available"]
 
@@ -162,8 +162,8 @@ def resmlp_train_forward(model: ResMLP, args: tuple, x: torch.Tensor):
     with the tensor lists of :func:`fused_args`. Stacked (weights ``[K, O, I]``, ``x``
     ``[K, B, ...]``) or one model (``x`` ``[B, ...]``). Updates the BatchNorm buffers in place,
     as the modules would. ``model`` only supplies the hyper-parameters (it may be on "meta")."""
-    from .ops.bn_relu_dropout import new_seed
-    from .ops.resmlp import resmlp_unchecked
+    from ..ops.bn_relu_dropout import new_seed
+    from ..ops.resmlp import resmlp_unchecked
 
     weights, biases, bn_w, bn_b, rmean, rvar, tracked = args
     x = x.reshape(x.shape[0], x.shape[1], -1) if weights[0].dim() == 3 else x.flatten(1)

@@ -8,35 +8,12 @@ torn file. Checkpoints hold only tensors, numbers, strings, lists and dicts, and
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 
 import torch
 
-__all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint"]
+from .._io import atomic_write_bytes
 
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:  # make the rename itself durable
-            dfd = os.open(folder, os.O_RDONLY)
-            os.fsync(dfd)
-            os.close(dfd)
-        except OSError:
-            pass
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["save_checkpoint", "load_checkpoint"]
 
 
 def save_checkpoint(obj: dict, path) -> None:

@@ -24,10 +24,10 @@ import os
 import torch
 from torch import nn
 
-from . import _ext
-from .models import ResMLP, fused_path_available
-from .ops.bn_relu_dropout import new_seed
-from .optim import AdamW
+from .. import _ext
+from .resmlp import ResMLP, fused_path_available
+from ..ops.bn_relu_dropout import new_seed
+from ..optim import AdamW
 
 __all__ = ["FusedTrainStep", "fused_train_step"]
 
@@ -85,7 +85,7 @@ class FusedTrainStep:
 
 def fused_train_step(hyper: nn.Module, lists: tuple, opt, x: torch.Tensor, cfg) -> FusedTrainStep | None:
     """A :class:`FusedTrainStep` for the ResMLP ``hyper`` (its hyper-parameters; it may be on
-    "meta" for stacked models) whose tensors are ``lists`` (:func:`bmc_fast.models.fused_args`),
+    "meta" for stacked models) whose tensors are ``lists`` (:func:`bmc_fast.backbone.fused_args`),
     trained by ``opt`` on inputs like ``x``; None when the step cannot run fused: the fused
     losses, backbone and optimizer must all be on in ``cfg`` (and ``cfg.fused_step``), the
     model a float32 CPU ResMLP on its fused path, ``opt`` a one-group

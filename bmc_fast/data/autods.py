@@ -22,8 +22,8 @@ import pickle
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
-from .data import Task, TaskStream
+from .._io import atomic_write_bytes
+from .tasks import Task, TaskStream
 
 __all__ = ["load_autods", "convert_autods", "load_features", "safe_unpickle", "UnsafePickleError"]
 

@@ -1,4 +1,4 @@
-"""Tasks and task streams (BMC-SPEC §1, §4), the embedded demo stream, and feature loaders.
+"""Tasks and task streams (BMC-SPEC §1, §4).
 
 A task has local labels in [0, num_classes); a stream assigns each task the next range of a
 single shared head, in order. Never imports the compiled extension.
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["Task", "TaskStream", "demo_stream", "load_autods", "load_features"]
+__all__ = ["Task", "TaskStream"]
 
 
 def _as_tensor(x, name: str, dtype=None) -> torch.Tensor:
@@ -116,51 +116,3 @@ class TaskStream:
     def task_range(self, t: int) -> tuple[int, int]:
         """(offset, length) of task t's classes in the shared head."""
         return self.offsets[t], self.tasks[t].num_classes
-
-
-def demo_stream(n_tasks: int = 5, seed: int = 0, test_fraction: float = 0.3) -> TaskStream:
-    """The embedded default: scikit-learn's handwritten digits (1797 8x8 images, offline), split
-    into ``n_tasks`` tasks of consecutive digit classes (5 tasks of 2 classes by default),
-    standardised with the training statistics, with a fixed seed."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover
-        raise ImportError("demo_stream needs scikit-learn (pip install scikit-learn)") from exc
-    if 10 % n_tasks:
-        raise ValueError(f"n_tasks must divide the 10 digit classes, got {n_tasks}")
-    digits = load_digits()
-    x = digits.data.astype(np.float32)
-    y = digits.target.astype(np.int64)
-    rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
-    for c in range(10):  # stratified split
-        idx = rng.permutation(np.flatnonzero(y == c))
-        k = int(round(len(idx) * test_fraction))
-        test_idx.append(idx[:k])
-        train_idx.append(idx[k:])
-    train_idx, test_idx = np.concatenate(train_idx), np.concatenate(test_idx)
-    mean, std = x[train_idx].mean(0), x[train_idx].std(0) + 1e-6
-    x = (x - mean) / std
-    per = 10 // n_tasks
-    tasks = []
-    for t in range(n_tasks):
-        classes = np.arange(t * per, (t + 1) * per)
-        tr = train_idx[np.isin(y[train_idx], classes)]
-        te = test_idx[np.isin(y[test_idx], classes)]
-        tr, te = rng.permutation(tr), rng.permutation(te)
-        tasks.append(Task(f"digits-{''.join(map(str, classes))}", torch.from_numpy(x[tr]),
-                          torch.from_numpy(y[tr] - t * per), torch.from_numpy(x[te]),
-                          torch.from_numpy(y[te] - t * per), per))
-    return TaskStream(tasks)
-
-
-def load_autods(*args, **kwargs):  # pragma: no cover - implemented in bmc_fast.autods
-    from .autods import load_autods as _impl
-
-    return _impl(*args, **kwargs)
-
-
-def load_features(*args, **kwargs):  # pragma: no cover - implemented in bmc_fast.autods
-    from .autods import load_features as _impl
-
-    return _impl(*args, **kwargs)

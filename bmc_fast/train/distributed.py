@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .bmc import BMC, _config_key, _fingerprint, consolidate
+from .loop import BMC, _config_key, _fingerprint, consolidate
 from .experts import _gen, train_experts
 from .memory import Memory
 from .metrics import Result

@@ -8,8 +8,7 @@ import torch
 
 from .experts import _gen, _losses, adamw, backbone_mode
 from .metrics import Result, evaluate
-from .models import ResMLP, fused_args
-from .train_step import fused_train_step
+from ..backbone import ResMLP, fused_args, fused_train_step
 
 __all__ = ["finetune", "joint"]
 
@@ -22,7 +21,7 @@ def _train(model, x, y, off, ln, cfg, epochs, seed):
     torch.manual_seed(hash((seed, 12)) % (2**62))
     model.train()
     n = x.shape[0]
-    fstep, resolved = None, False  # the whole step in one call, where it applies (bmc_fast.train_step)
+    fstep, resolved = None, False  # the whole step in one call, where it applies (bmc_fast.backbone.train_step)
     with backbone_mode(model, cfg):
         for _ in range(epochs):
             for idx in torch.randperm(n, generator=g).split(cfg.batch_size):

@@ -9,7 +9,7 @@ state, buffer) that can be saved and moved to another process. Three ways to run
   over K with :func:`torch.func.stack_module_state`, one ``vmap``-ed forward over ``[K, B, ...]``,
   one backward, one optimizer over the stacked tensors (AdamW is elementwise, so this is the
   same as K optimizers). Works for any model, on CPU and GPU. The default ResMLP on the CPU
-  skips vmap: :func:`bmc_fast.models.resmlp_train_forward` runs the K models through the fused
+  skips vmap: :func:`bmc_fast.backbone.resmlp_train_forward` runs the K models through the fused
   ``resmlp`` op: batched matmuls and the ``bn_relu_dropout`` kernel (``fused_backbone``).
 * ``"streams"``: K ordinary modules, each stepping on its own CUDA stream.
 * ``"sequential"``: the simple loop, one expert after another.
@@ -29,11 +29,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from . import _ext
+from .. import _ext
 from .memory import Buffer
-from .models import ResMLP, fused_args, fused_path_available, resmlp_train_forward
-from .optim import AdamW
-from .train_step import fused_train_step
+from ..backbone import ResMLP, fused_args, fused_path_available, fused_train_step, resmlp_train_forward
+from ..optim import AdamW
 
 __all__ = ["ExpertArtifact", "train_experts", "flat_params", "expert_batches", "resolve_parallel"]
 
@@ -180,7 +179,7 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, 
 
 def _step_loss(logits, feats, yb, off_rows, ln_rows, hb, expert_flat, base_flat, cfg, L, stab, kk, bsz):
     """task_coef * masked CE (mean over each expert's batch, summed over experts) +
-    stability_coef * S_k summed over experts. The one-call step (bmc_fast.train_step, called
+    stability_coef * S_k summed over experts. The one-call step (bmc_fast.backbone.train_step, called
     in _train_stacked and _train_each) computes the same terms: change both together."""
     # One scaling node per term (each autograd node costs ~10 us at these sizes).
     loss = L.task_masked_cross_entropy(logits, yb, off_rows, ln_rows, reduction="sum") * (cfg.task_coef / bsz)
@@ -242,7 +241,7 @@ def _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off,
     skeleton = copy.deepcopy(base).to("meta").train()  # whatever mode the base was left in
     opt = adamw(params.values(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
 
-    fstep = None  # the whole step in one call, where it applies (bmc_fast.train_step)
+    fstep = None  # the whole step in one call, where it applies (bmc_fast.backbone.train_step)
     x0 = batch(0)[0]
     if _fused_backbone(base, cfg, x0[0]):
         lists = fused_args(skeleton, params, buffers)  # the same tensors every step: built once
@@ -299,7 +298,7 @@ def _train_each(base, frozen, batch, base_features, base_flat, k, steps, off, ln
     bsz = cfg.batch_size
     x0 = batch(0)[0] if steps else None
     fwds = [train_forward(m, cfg, x0[i]) for i, m in enumerate(members)] if steps else members
-    # The whole step in one call where it applies (bmc_fast.train_step): not with weight stability.
+    # The whole step in one call where it applies (bmc_fast.backbone.train_step): not with weight stability.
     fsteps = [fused_train_step(m, fused_args(m), o, x0[i], cfg)
               if isinstance(m, ResMLP) and mode != "streams" and not (stab and cfg.stability == "weight") else None
               for i, (m, o) in enumerate(zip(members, opts))] if steps else [None] * k

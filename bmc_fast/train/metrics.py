@@ -110,7 +110,7 @@ class Result:
 
     def save(self, path) -> str:
         """Writes the result as JSON, atomically."""
-        from .checkpoint import atomic_write_bytes
+        from .._io import atomic_write_bytes
 
         atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1).encode())
         return str(path)

@@ -1,0 +1,113 @@
+"""Every option of the BMC trainer, validated, and its presets."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .experts import resolve_parallel
+
+__all__ = ["BMCConfig"]
+
+
+@dataclass
+class BMCConfig:
+    """Every option of the trainer. ``BMCConfig.preset("paper" | "parity", **overrides)``."""
+
+    n_experts: int = 4
+    parallel: str = "auto"            # "auto" | "stacked" | "streams" | "sequential"
+    stability: str = "feature"        # "feature" | "weight"
+    stability_coef: float = 1.0
+    stability_first_step: bool = False  # the first base model is untrained: nothing to keep
+    task_coef: float = 1.0
+    distill_coef: float = 1.0
+    kd_coef: float = 0.0              # > 0 stores the experts' logits in the buffers
+    kd_temperature: float = 2.0
+    epochs: int = 20                  # expert epochs per task
+    batch_size: int = 64
+    lr: float = 0.01
+    weight_decay: float = 0.01
+    buffer_size: float = 10000        # samples per task (int) or a fraction of the task (< 1)
+    buffer_dtype: str = "float32"     # "float32" | "float16" for stored features / logits
+    store_logits: bool = False
+    memory_size: int = 10000
+    consolidation_epochs: int = 100
+    consolidation_lr: float = 0.01
+    consolidation_batch_size: int = 64
+    mixup_alpha: float = 0.0
+    val_fraction: float = 0.0         # validation split carved from the memory (never test data)
+    lr_patience: int = 5              # ReduceLROnPlateau patience (epochs) when val_fraction > 0
+    early_stopping: int = 0           # stop after this many epochs without improvement (0: never)
+    consolidation_ce: str = "seen"    # "seen": CE over all classes seen so far; "task": over each sample's task range
+    full_head: bool = False           # class-IL argmax over the whole head (as the authors' code)
+    keep_expert_states: bool = False
+    dropout: float = 0.3              # of the default ResMLP backbone
+    losses: str = "fused"             # "fused" | "reference"
+    fused_backbone: bool = True       # the default ResMLP trains through the fused CPU kernels
+    fused_optimizer: bool = True      # bmc_fast.optim.AdamW (CPU) / torch's fused (CUDA); False: default loop
+    fused_step: bool = True           # with all three fused: a whole CPU training step in one C++ call
+    base_feature_table_mb: float = 256  # base features of all samples precomputed up to this size (0: per step)
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool | None = None      # None: only on a terminal
+    preset_name: str = "paper"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def pos_int(name, minimum=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"BMCConfig.{name} must be an int >= {minimum}, got {v!r}")
+        for name in ("n_experts", "epochs", "batch_size", "memory_size", "consolidation_batch_size"):
+            pos_int(name)
+        for name in ("consolidation_epochs", "lr_patience", "early_stopping"):
+            pos_int(name, 0)
+        for name in ("stability_coef", "task_coef", "distill_coef", "kd_coef", "lr", "weight_decay",
+                     "consolidation_lr", "mixup_alpha", "dropout", "base_feature_table_mb"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"BMCConfig.{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(self.kd_temperature, (int, float)) and self.kd_temperature > 0):
+            raise ValueError(f"BMCConfig.kd_temperature must be > 0, got {self.kd_temperature!r}")
+        if not (0 <= self.val_fraction < 1):
+            raise ValueError(f"BMCConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if not (isinstance(self.buffer_size, (int, float)) and self.buffer_size > 0):
+            raise ValueError(f"BMCConfig.buffer_size must be > 0 (a count, or a fraction < 1), got {self.buffer_size!r}")
+        if self.stability not in ("feature", "weight"):
+            raise ValueError(f"BMCConfig.stability must be 'feature' or 'weight', got {self.stability!r}")
+        if self.buffer_dtype not in ("float32", "float16"):
+            raise ValueError(f"BMCConfig.buffer_dtype must be 'float32' or 'float16', got {self.buffer_dtype!r}")
+        if self.consolidation_ce not in ("seen", "task"):
+            raise ValueError(f"BMCConfig.consolidation_ce must be 'seen' or 'task', got {self.consolidation_ce!r}")
+        for name in ("fused_backbone", "fused_optimizer", "fused_step"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BMCConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.losses not in ("fused", "reference"):
+            raise ValueError(f"BMCConfig.losses must be 'fused' or 'reference', got {self.losses!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"BMCConfig.device: {exc}") from exc
+        resolve_parallel(self.parallel, self.device)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "BMCConfig":
+        """``"paper"``: the method as described (both BMC terms live, parallel experts).
+        ``"parity"``: what the authors' public code ran: no stability or distillation term, one
+        expert at a time, replay with mixup (alpha 0.4), a 20% validation split with
+        ReduceLROnPlateau, class-IL over the full head."""
+        if name == "paper":
+            base = {}
+        elif name == "parity":
+            base = dict(n_experts=1, stability_coef=0.0, distill_coef=0.0, kd_coef=0.0, mixup_alpha=0.4,
+                        val_fraction=0.2, full_head=True, parallel="sequential")
+        else:
+            raise ValueError(f"preset must be 'paper' or 'parity', got {name!r}")
+        return cls(**{**base, **overrides, "preset_name": name})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

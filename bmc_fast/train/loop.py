@@ -1,0 +1,155 @@
+"""The BMC trainer (BMC-SPEC §2, §4): incremental steps of K tasks, each a regularization phase
+(parallel experts), buffers, and a consolidation phase (batched distillation on the memory).
+Never imports the compiled extension directly: the losses come through ``bmc_fast`` (fused) or
+``bmc_fast.reference`` (``losses="reference"``, the baseline of the end-to-end benchmark)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backbone import ResMLP
+from .checkpoint import load_checkpoint, save_checkpoint
+from .experts import _gen, train_experts
+from .memory import Memory
+from .metrics import Result, evaluate
+from .config import BMCConfig
+from .consolidation import _progress, consolidate
+
+__all__ = ["BMC"]
+
+
+def _fingerprint(stream) -> str:
+    h = hashlib.sha256()
+    for t in stream:
+        h.update(f"{t.name}|{t.num_classes}|{tuple(t.x_train.shape)}|{tuple(t.x_test.shape)}".encode())
+        h.update(t.y_train.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class BMC:
+    """Batch Model Consolidation on a :class:`bmc_fast.data.TaskStream`.
+
+    ``model_fn(input_dim, num_classes) -> nn.Module`` builds the base model (a module returning
+    ``(logits, features)``); the default is :class:`bmc_fast.backbone.ResMLP`.
+    """
+
+    def __init__(self, config: BMCConfig | None = None, model_fn=None):
+        self.config = config or BMCConfig()
+        if not isinstance(self.config, BMCConfig):
+            raise TypeError(f"config must be a BMCConfig, got {type(self.config).__name__}")
+        self.config.validate()
+        self.model_fn = model_fn or (lambda d, c: ResMLP(d, c, dropout=self.config.dropout,
+                                                          fused=self.config.fused_backbone))
+        self.model: nn.Module | None = None
+        self.memory = Memory()
+
+    def _log(self, events, record):
+        if events is not None:
+            events({"time": time.time(), **record})
+
+    def fit(self, stream, on_task_end=None, checkpoint_dir=None, resume: bool = False, events=None) -> Result:
+        """Learns the stream in incremental steps of ``n_experts`` tasks; returns the accuracy
+        matrices. With ``checkpoint_dir`` a checkpoint is written atomically after every step;
+        ``resume=True`` continues from the last one and gives the same result as an
+        uninterrupted run with the same seed. ``events`` receives dict records (phase timings,
+        losses, accuracies) as they happen."""
+        from ..data import TaskStream
+
+        if not isinstance(stream, TaskStream):
+            raise TypeError(f"stream must be a bmc_fast.data.TaskStream, got {type(stream).__name__}")
+        cfg = self.config
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("BMCConfig.device is 'cuda' but no CUDA device is available")
+        k = cfg.n_experts
+        steps = [list(range(s, min(s + k, len(stream)))) for s in range(0, len(stream), k)]
+        torch.manual_seed(cfg.seed)
+        self.model = self.model_fn(stream.input_dim, stream.num_classes).to(device)
+        out = self.model(stream[0].x_train[:2].float().to(device))
+        if not (isinstance(out, tuple) and len(out) == 2 and out[0].shape == (2, stream.num_classes)):
+            raise ValueError("the model must return (logits [N, num_classes], features [N, D])")
+        self.memory = Memory()
+        result = Result.empty([t.name for t in stream], step_starts=[s[0] for s in steps], config=cfg.to_dict())
+        timings = {"experts_s": 0.0, "buffers_s": 0.0, "consolidation_s": 0.0, "evaluation_s": 0.0}
+        start_step = 0
+        ckpt = os.path.join(checkpoint_dir, "bmc-checkpoint.pt") if checkpoint_dir else None
+        fingerprint = _fingerprint(stream) if ckpt else None  # hashes every label: once per fit
+        if resume and ckpt and os.path.exists(ckpt):
+            start_step = self._load_checkpoint(ckpt, fingerprint, result, timings)
+            self._log(events, {"event": "resumed", "from_step": start_step})
+
+        for s in range(start_step, len(steps)):
+            ids = steps[s]
+            seed = hash((cfg.seed, s)) % (2**62)
+            self._log(events, {"event": "step_start", "step": s, "tasks": ids})
+            t0 = time.perf_counter()
+            bar = _progress(cfg, None, f"experts (tasks {ids[0]}-{ids[-1]})")
+            arts = train_experts(self.model, stream, ids, cfg, seed, use_stability=(s > 0 or cfg.stability_first_step),
+                                 progress=bar)
+            if bar is not None:
+                bar.close()
+            timings["experts_s"] += time.perf_counter() - t0
+            self._log(events, {"event": "experts_done", "step": s, "seconds": time.perf_counter() - t0,
+                               "losses": [a.final_loss for a in arts]})
+            self.last_artifacts = arts
+            for t in ids[:-1]:  # the base has not changed yet: these tasks show as not learned
+                self._evaluate(stream, t, result, timings, on_task_end, events)
+            t0 = time.perf_counter()
+            self.memory.add([a.buffer for a in arts], cfg.memory_size, _gen(seed, 5))
+            timings["buffers_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            info = consolidate(self.model, self.memory, cfg, stream.num_classes, seed,
+                               log=(lambda r: self._log(events, r)) if events else None)
+            timings["consolidation_s"] += time.perf_counter() - t0
+            self._log(events, {"event": "consolidation_done", "step": s, "seconds": time.perf_counter() - t0,
+                               "memory": len(self.memory), **info})
+            self._evaluate(stream, ids[-1], result, timings, on_task_end, events)
+            if ckpt:
+                self._save_checkpoint(ckpt, s, fingerprint, result, timings)
+        result.timings = timings
+        return result
+
+    def _save_checkpoint(self, path, step, fingerprint, result, timings):
+        """Everything needed to continue after ``step``, written atomically (weights_only-loadable)."""
+        save_checkpoint({
+            "step": step, "model": {n: v.detach().cpu() for n, v in self.model.state_dict().items()},
+            "memory": self.memory.state_dict(), "cil": torch.from_numpy(result.cil_matrix),
+            "til": torch.from_numpy(result.til_matrix), "timings": json.dumps(timings),
+            "rng_torch": torch.get_rng_state(), "config": json.dumps(self.config.to_dict()),
+            "fingerprint": fingerprint}, path)
+
+    def _load_checkpoint(self, path, fingerprint, result, timings) -> int:
+        """Restores model, memory, matrices and timings; returns the first step still to run."""
+        state = load_checkpoint(path)
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError(f"checkpoint {path} was made on a different task stream")
+        if _config_key(json.loads(state["config"])) != _config_key(self.config.to_dict()):
+            raise ValueError(f"checkpoint {path} was made with a different BMCConfig")
+        self.model.load_state_dict(state["model"])
+        self.memory = Memory.from_state_dict(state["memory"])
+        result.cil_matrix, result.til_matrix = state["cil"].numpy().copy(), state["til"].numpy().copy()
+        timings.update({k: float(v) for k, v in json.loads(state["timings"]).items() if k in timings})
+        torch.set_rng_state(state["rng_torch"])
+        return int(state["step"]) + 1
+
+    def _evaluate(self, stream, t, result, timings, on_task_end, events):
+        t0 = time.perf_counter()
+        cil, til = evaluate(self.model, stream, t, self.config.device, self.config.full_head)
+        result.cil_matrix[t, : t + 1] = cil
+        result.til_matrix[t, : t + 1] = til
+        timings["evaluation_s"] += time.perf_counter() - t0
+        self._log(events, {"event": "task_end", "task": t, "cil": cil, "til": til,
+                           "average_cil": float(np.mean(cil))})
+        if on_task_end is not None:
+            on_task_end(t, self.model)
+
+
+def _config_key(d: dict) -> dict:
+    """The configuration that determines results (progress bars do not: resuming may change them)."""
+    return {k: v for k, v in d.items() if k != "progress"}
