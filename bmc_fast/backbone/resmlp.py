@@ -157,11 +157,14 @@ def fused_args(model: ResMLP, params: dict | None = None, buffers: dict | None =
             [d["running_mean"] for d in bb], [d["running_var"] for d in bb], [d["num_batches_tracked"] for d in bb])
 
 
-def resmlp_train_forward(model: ResMLP, args: tuple, x: torch.Tensor):
+def resmlp_train_forward(model: ResMLP, args: tuple, x: torch.Tensor, seeds: list[int] | None = None,
+                         first_model: int = 0):
     """Training-mode forward of a ResMLP through the fused ``resmlp`` op (one autograd node),
     with the tensor lists of :func:`fused_args`. Stacked (weights ``[K, O, I]``, ``x``
     ``[K, B, ...]``) or one model (``x`` ``[B, ...]``). Updates the BatchNorm buffers in place,
-    as the modules would. ``model`` only supplies the hyper-parameters (it may be on "meta")."""
+    as the modules would. ``model`` only supplies the hyper-parameters (it may be on "meta").
+    ``seeds`` (one per block; None: drawn from torch's default generator) and ``first_model``
+    (model k draws the dropout masks of model ``first_model + k``) key the dropout masks."""
     from ..ops.bn_relu_dropout import new_seed
     from ..ops.resmlp import resmlp_unchecked
 
@@ -173,7 +176,10 @@ def resmlp_train_forward(model: ResMLP, args: tuple, x: torch.Tensor):
     else:
         momentum = float(bn0.momentum)
     p = [float(model.block1.drop.p), float(model.block2.drop.p)]
-    seeds = [new_seed() if v > 0 else 0 for v in p]
+    if seeds is None:
+        seeds = [new_seed() if v > 0 else 0 for v in p]
+    if first_model != 0:
+        raise NotImplementedError("first_model")
     logits, h = resmlp_unchecked(x, weights, biases, bn_w, bn_b, rmean, rvar, momentum, float(bn0.eps), p, seeds)
     with torch.no_grad():
         torch._foreach_add_(tracked, 1)

@@ -29,84 +29,114 @@ from .resmlp import ResMLP, fused_path_available
 from ..ops.bn_relu_dropout import new_seed
 from ..optim import AdamW
 
-__all__ = ["FusedTrainStep", "fused_train_step"]
+__all__ = ["FusedTrainStep", "fused_train_step", "unfused_reason"]
 
 
 class FusedTrainStep:
     """Callable training step; build it with :func:`fused_train_step`. It holds the optimizer's
     moment tensors as they were when it was built: build a new one after
-    ``opt.load_state_dict`` (the trainer builds one per phase)."""
+    ``opt.load_state_dict`` (the trainer builds one per phase).
 
-    def __init__(self, hyper: ResMLP, lists: tuple, cache, group: dict):
+    ``loss`` describes the loss terms (:class:`bmc_fast.train.step.LossSpec` or any object with
+    its fields): ``ce_scale * task_masked_cross_entropy(logits, labels, ce_offset, ce_len,
+    ce_reduction)`` over the logits' rows, plus ``distill_coef * batched_distillation_loss(
+    features, teacher_features, buffer_id, num_buffers, "mean")``, ``stability_coef *
+    stability_loss(features, base_features, "sum")`` and ``kd_coef * task_masked_kd_loss(logits,
+    teacher_logits, kd_offset, kd_len, kd_temperature, "mean")`` where their coefficients are
+    not zero."""
+
+    def __init__(self, hyper: ResMLP, lists: tuple, cache, group: dict, loss):
         weights, biases, bn_w, bn_b, rmean, rvar, tracked = lists
         pos = {id(p): i for i, p in enumerate(cache.params)}
         flat = weights + biases + bn_w + bn_b
-        self._cache, self._group = cache, group
+        self._cache, self._group, self.loss = cache, group, loss
         self._tracked = tracked[0]
         bn0 = hyper.block1.bn1
         self._momentum = None if bn0.momentum is None else float(bn0.momentum)
-        self._p = [float(hyper.block1.drop.p), float(hyper.block2.drop.p)]
+        self.p = [float(hyper.block1.drop.p), float(hyper.block2.drop.p)]
         self._obj = torch.classes.bmc_fast.ResMLPTrainStep(
             weights, biases, bn_w, bn_b, rmean, rvar, tracked, [cache.exp_avgs[pos[id(t)]] for t in flat],
-            [cache.exp_avg_sqs[pos[id(t)]] for t in flat], float(bn0.eps), self._p)
+            [cache.exp_avg_sqs[pos[id(t)]] for t in flat], float(bn0.eps), self.p)
         if os.environ.get("BMC_FAST_SPLIT") == "0":
             self._obj.set_split(False)
 
-    def __call__(self, x, labels, ce_offset, ce_len, ce_scale: float = 1.0, ce_reduction: str = "mean",
-                 distill=None, stability=None, kd=None) -> torch.Tensor:
-        """One step on ``x`` (``[B, I]``, or ``[K, B, I]`` for stacked models); returns the loss.
-
-        Loss terms (each as the trainer writes it with the fused ops):
-        ``ce_scale * task_masked_cross_entropy(logits, labels, ce_offset, ce_len, ce_reduction)``
-        over the logits' rows; ``distill=(teacher_features, buffer_ids, n_buffers, coef)``:
-        ``coef * batched_distillation_loss(features, ..., reduction="mean")``;
-        ``stability=(base_features, coef)``: ``coef * stability_loss(features, base, "sum")``;
-        ``kd=(teacher_logits, offset, length, temperature, coef)``:
-        ``coef * task_masked_kd_loss(logits, ...)``."""
+    def __call__(self, x: torch.Tensor, batch: dict, seeds: list[int] | None = None,
+                 first_model: int = 0) -> torch.Tensor:
+        """One step on ``x`` (``[B, I]``, or ``[K, B, I]`` for stacked models) and the tensors of
+        ``batch`` the loss terms read (``labels``, ``ce_offset``, ``ce_len``, and per term its
+        own: see the class); returns the loss. ``seeds``: one dropout seed per block (None draws
+        them from torch's default generator); ``first_model``: the index of the first model in
+        the dropout counters (masks of model k are those of model ``first_model + k``)."""
         if self._momentum is None:  # cumulative moving average, as BatchNorm
             momentum = 1.0 / (float(self._tracked.reshape(-1)[0]) + 1)
         else:
             momentum = self._momentum
-        seeds = [new_seed() if v > 0 else 0 for v in self._p]
-        dt, di, dn, dc = distill if distill is not None else (None, None, 0, 0.0)
-        sb, sc = stability if stability is not None else (None, 0.0)
-        kt, ko, kl, ktemp, kc = kd if kd is not None else (None, None, None, 1.0, 0.0)
+        if seeds is None:
+            seeds = [new_seed() if v > 0 else 0 for v in self.p]
+        if first_model != 0:
+            raise NotImplementedError("first_model")
+        spec = self.loss
+        need = ["labels", "ce_offset", "ce_len"]
+        if spec.distill_coef:
+            need += ["teacher_features", "buffer_id"]
+        if spec.stability_coef:
+            need += ["base_features"]
+        if spec.kd_coef:
+            need += ["teacher_logits", "kd_offset", "kd_len"]
+        missing = [k for k in need if batch.get(k) is None]
+        if missing:
+            raise ValueError(f"the step's loss terms need batch[{missing[0]!r}]")
+        get = batch.get
+        dc, sc, kc = float(spec.distill_coef), float(spec.stability_coef), float(spec.kd_coef)
         g, c = self._group, self._cache
         b1, b2 = (float(b) for b in g["betas"])
         c.count += 1
         try:
-            return self._obj.step(x, seeds, momentum, labels, ce_offset, ce_len, float(ce_scale), ce_reduction,
-                                  dt, di, int(dn), float(dc), sb, float(sc), kt, ko, kl, float(ktemp), float(kc),
-                                  float(g["lr"]), b1, b2, float(g["weight_decay"]), float(g["eps"]), int(c.count))
+            return self._obj.step(
+                x, list(seeds), momentum, batch["labels"], batch["ce_offset"], batch["ce_len"], float(spec.ce_scale),
+                spec.ce_reduction, get("teacher_features") if dc else None, get("buffer_id") if dc else None,
+                int(spec.num_buffers) if dc else 0, dc, get("base_features") if sc else None, sc,
+                get("teacher_logits") if kc else None, get("kd_offset") if kc else None, get("kd_len") if kc else None,
+                float(spec.kd_temperature), kc, float(g["lr"]), b1, b2, float(g["weight_decay"]), float(g["eps"]),
+                int(c.count))
         except Exception:
             c.count -= 1  # no parameter or moment was written (every check runs before the update)
             raise
 
 
-def fused_train_step(hyper: nn.Module, lists: tuple, opt, x: torch.Tensor, cfg) -> FusedTrainStep | None:
-    """A :class:`FusedTrainStep` for the ResMLP ``hyper`` (its hyper-parameters; it may be on
-    "meta" for stacked models) whose tensors are ``lists`` (:func:`bmc_fast.backbone.fused_args`),
-    trained by ``opt`` on inputs like ``x``; None when the step cannot run fused: the fused
-    losses, backbone and optimizer must all be on in ``cfg`` (and ``cfg.fused_step``), the
-    model a float32 CPU ResMLP on its fused path, ``opt`` a one-group
+def unfused_reason(hyper: nn.Module, lists: tuple, opt, x: torch.Tensor) -> str | None:
+    """Why the one-call step cannot train the ResMLP ``hyper`` (its hyper-parameters; it may be
+    on "meta" for stacked models) whose tensors are ``lists`` (:func:`bmc_fast.backbone.fused_args`)
+    with ``opt`` on inputs like ``x``; None when it can. It needs the extension, a float32 CPU
+    ResMLP in training mode on its fused path, and ``opt`` a one-group
     :class:`bmc_fast.optim.AdamW` over exactly the model's parameters, all trainable."""
-    if not (cfg.fused_step and cfg.losses == "fused" and cfg.fused_backbone
-            and cfg.fused_optimizer and _ext.HAVE_EXTENSION):
-        return None
-    if not (isinstance(hyper, ResMLP) and hyper.fused and hyper.training and isinstance(opt, AdamW)
-            and len(opt.param_groups) == 1):
-        return None
+    if not _ext.HAVE_EXTENSION:
+        return "the compiled extension is not loaded"
+    if not isinstance(hyper, ResMLP):
+        return f"the model is a {type(hyper).__name__}, not the fused ResMLP"
+    if not (hyper.fused and hyper.training):
+        return "the ResMLP is not on its fused training path (fused=False or eval mode)"
+    if not (isinstance(opt, AdamW) and len(opt.param_groups) == 1):
+        return "the optimizer is not one parameter group of bmc_fast.optim.AdamW"
     flat = [t for lst in lists[:4] for t in lst]
     x0 = x if lists[0][0].dim() == 2 else x[0]  # stacked: one model's rows, for the checks
     if x.dtype != torch.float32 or not fused_path_available(hyper, x0):
-        return None
+        return f"inputs of {x.dtype} on {x.device.type} (the step is float32 on the CPU)"
     group = opt.param_groups[0]
     params = list(group["params"])
     if len(params) != len(flat) or {id(p) for p in params} != {id(t) for t in flat}:
-        return None
+        return "the optimizer does not hold exactly the model's parameters"
     if not all(p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu" for p in params):
-        return None
+        return "a parameter is frozen, not float32 or not on the CPU"
     cache = opt._cache(0, params)
     if cache is None or not cache.fused:
+        return "the optimizer's state does not fit its fused kernel"
+    return None
+
+
+def fused_train_step(hyper: nn.Module, lists: tuple, opt, x: torch.Tensor, loss) -> FusedTrainStep | None:
+    """A :class:`FusedTrainStep` with the loss terms ``loss``, or None where
+    :func:`unfused_reason` gives a reason."""
+    if unfused_reason(hyper, lists, opt, x) is not None:
         return None
-    return FusedTrainStep(hyper, lists, cache, group)
+    return FusedTrainStep(hyper, lists, opt._cache(0, list(opt.param_groups[0]["params"])), opt.param_groups[0], loss)
