@@ -38,7 +38,7 @@ def run(stream, fused_step, **over):
     arts = train_experts(base, stream, list(range(len(stream))), cfg, seed=3, use_stability=True)
     mem = Memory()
     mem.add([a.buffer for a in arts], cfg.memory_size, torch.Generator().manual_seed(0))
-    consolidate(base, mem, cfg, stream.num_classes, seed=3)
+    consolidate(base, mem, cfg, stream.num_classes, step_index=3)
     return arts, base
 
 

@@ -47,7 +47,7 @@ def test_modes_train_the_same_experts(stream, stability):
     for mode in ("stacked", "sequential"):
         cfg = BMCConfig(n_experts=3, parallel=mode, epochs=2, batch_size=32, keep_expert_states=True, progress=False,
                         stability=stability, lr=1e-3)
-        out[mode] = train_experts(base, stream, [0, 1, 2], cfg, seed=5, use_stability=True)
+        out[mode] = train_experts(base, stream, [0, 1, 2], cfg, step_index=5, use_stability=True)
     for a, b in zip(out["stacked"], out["sequential"]):
         assert a.task == b.task
         for name in a.state:
@@ -60,9 +60,9 @@ def test_base_feature_table_gives_the_same_experts(stream):
     torch.manual_seed(0)
     base = _MLP(stream.input_dim, stream.num_classes)
     cfg = BMCConfig(n_experts=2, epochs=2, batch_size=32, keep_expert_states=True, progress=False, lr=1e-3)
-    with_table = train_experts(base, stream, [0, 1], cfg, seed=3)
+    with_table = train_experts(base, stream, [0, 1], cfg, step_index=3)
     cfg.base_feature_table_mb = 0  # the frozen base's forward at every step instead
-    per_step = train_experts(base, stream, [0, 1], cfg, seed=3)
+    per_step = train_experts(base, stream, [0, 1], cfg, step_index=3)
     for a, b in zip(with_table, per_step):
         for name in a.state:
             torch.testing.assert_close(a.state[name], b.state[name], rtol=1e-4, atol=1e-5)
@@ -78,7 +78,7 @@ def test_fused_resmlp_stacked_equals_sequential(stream):
     for mode in ("stacked", "sequential"):
         cfg = BMCConfig(n_experts=3, parallel=mode, epochs=2, batch_size=32, keep_expert_states=True,
                         progress=False, lr=1e-3)
-        out[mode] = train_experts(base, stream, [0, 1, 2], cfg, seed=5)
+        out[mode] = train_experts(base, stream, [0, 1, 2], cfg, step_index=5)
     for a, b in zip(out["stacked"], out["sequential"]):
         for name in a.state:
             torch.testing.assert_close(a.state[name].float(), b.state[name].float(), rtol=1e-3, atol=1e-4,
@@ -89,7 +89,7 @@ def test_stacked_batchnorm_keeps_per_expert_statistics(stream):
     torch.manual_seed(0)
     base = ResMLP(stream.input_dim, stream.num_classes, dropout=0.0)
     cfg = BMCConfig(n_experts=3, parallel="stacked", epochs=1, batch_size=32, keep_expert_states=True, progress=False)
-    arts = train_experts(base, stream, [0, 1, 2], cfg, seed=5)
+    arts = train_experts(base, stream, [0, 1, 2], cfg, step_index=5)
     rm = [a.state["block1.bn1.running_mean"] for a in arts]
     assert not torch.allclose(rm[0], rm[1]) and not torch.allclose(rm[1], rm[2])
     assert all(int(a.state["block1.bn1.num_batches_tracked"]) == 8 for a in arts)

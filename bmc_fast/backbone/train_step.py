@@ -73,8 +73,6 @@ class FusedTrainStep:
             momentum = self._momentum
         if seeds is None:
             seeds = [new_seed() if v > 0 else 0 for v in self.p]
-        if first_model != 0:
-            raise NotImplementedError("first_model")
         spec = self.loss
         need = ["labels", "ce_offset", "ce_len"]
         if spec.distill_coef:

@@ -86,6 +86,9 @@ class BMCConfig:
         for name in ("fused_backbone", "fused_optimizer", "fused_step"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BMCConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.mixup_alpha > 0 and (self.distill_coef > 0 or self.kd_coef > 0):
+            raise ValueError("BMCConfig.mixup_alpha > 0 needs distill_coef = 0 and kd_coef = 0 (mixup mixes the inputs, "
+                             "whose stored distillation and KD targets belong to the unmixed inputs)")
         if self.losses not in ("fused", "reference"):
             raise ValueError(f"BMCConfig.losses must be 'fused' or 'reference', got {self.losses!r}")
         try:

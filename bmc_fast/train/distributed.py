@@ -1,10 +1,12 @@
 """Distributed BMC with ``torch.distributed`` (launched by ``torchrun``; gloo on CPU, nccl on GPU).
 
-Rank 0 owns the base model, the memory and consolidation. Every incremental step, rank 0
-broadcasts the base state, the K tasks of the step are dealt to the ranks (``ids[rank::world]``,
-several experts per rank stacked on that rank), each rank trains its experts and builds their
+:func:`fit_distributed` is :meth:`bmc_fast.BMC.fit` with :class:`DistributedExperts` as its expert
+runner. Rank 0 owns the base model, the memory and consolidation. Every incremental step, rank 0
+broadcasts the base state, the K tasks of the step are dealt to the ranks in consecutive blocks
+(several experts per rank stacked on that rank), each rank trains its experts and builds their
 buffers from its own copy of the stream (task data never goes through rank 0), the artifacts are
-gathered to rank 0, which consolidates and evaluates. Every collective runs under a timeout and a
+gathered to rank 0, which consolidates and evaluates. An expert's randomness is keyed by its task
+(:mod:`bmc_fast.train.seeding`), so any number of ranks trains the same experts as one process. Every collective runs under a timeout and a
 failure names the phase, so a dead or hung rank ends the job with an error instead of a hang;
 with checkpoints on, rerunning the same command resumes from the last completed step.
 """
@@ -15,17 +17,15 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
-from .loop import BMC, _config_key, _fingerprint, consolidate
-from .experts import _gen, train_experts
-from .memory import Memory
+from .experts import expert_steps, train_experts
+from .loop import BMC, ExpertRunner, _config_key
 from .metrics import Result
 
-__all__ = ["fit_distributed", "init_from_env", "shutdown", "finish", "load_on_every_rank", "exit_after_failure"]
+__all__ = ["fit_distributed", "DistributedExperts", "init_from_env", "shutdown", "finish", "load_on_every_rank", "exit_after_failure"]
 
 
 class DistributedError(RuntimeError):
@@ -129,54 +129,45 @@ def _check_agreement(fingerprint, cfg, rank, world):
                                "(n_experts): some ranks would have nothing to train")
 
 
-def fit_distributed(bmc: BMC, stream, checkpoint_dir=None, resume: bool = False, events=None) -> Result | None:
-    """Runs ``bmc.fit`` across the ranks of the default process group. Returns the Result on
-    rank 0 and None on the other ranks. Same seed, same result as the single-process run."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = bmc.config
-    fingerprint = _fingerprint(stream)  # hashes every label: once per run
-    _check_agreement(fingerprint, cfg, rank, world)
-    device = torch.device(cfg.device)
-    k = cfg.n_experts
-    steps = [list(range(s, min(s + k, len(stream)))) for s in range(0, len(stream), k)]
-    torch.manual_seed(cfg.seed)
-    bmc.model = bmc.model_fn(stream.input_dim, stream.num_classes).to(device)
-    bmc.memory = Memory()
-    result = Result.empty([t.name for t in stream], step_starts=[s[0] for s in steps], config=cfg.to_dict())
-    timings = {"experts_s": 0.0, "gather_s": 0.0, "consolidation_s": 0.0, "evaluation_s": 0.0}
-    ckpt = os.path.join(checkpoint_dir, "bmc-checkpoint.pt") if checkpoint_dir else None
-    start = 0
-    if rank == 0 and resume and ckpt and os.path.exists(ckpt):
-        start = bmc._load_checkpoint(ckpt, fingerprint, result, timings)
-    box = [start]
-    _collective("resume", dist.broadcast_object_list, box, src=0)
-    start = box[0]
+def rank_tasks(task_ids: list[int], rank: int, world: int) -> list[int]:
+    """The consecutive block of a step's tasks that ``rank`` trains (the first ranks take one
+    more when the tasks do not divide evenly)."""
+    share, extra = divmod(len(task_ids), world)
+    start = rank * share + min(rank, extra)
+    return task_ids[start:start + share + (1 if rank < extra else 0)]
 
-    for s in range(start, len(steps)):
-        ids = steps[s]
-        seed = hash((cfg.seed, s)) % (2**62)
-        for name, t in bmc.model.state_dict().items():  # the base, from rank 0
-            _collective(f"step {s}: broadcast base", dist.broadcast, t, src=0)
-        mine = ids[rank::world]
-        t0 = time.perf_counter()
-        arts = train_experts(bmc.model, stream, mine, cfg, seed,
-                             use_stability=(s > 0 or cfg.stability_first_step)) if mine else []
-        timings["experts_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        gathered = [None] * world if rank == 0 else None
-        _collective(f"step {s}: gather artifacts", dist.gather_object, arts, gathered, dst=0)
-        timings["gather_s"] += time.perf_counter() - t0
-        if rank == 0:
-            arts = sorted((a for part in gathered for a in part), key=lambda a: a.task)
-            for t in ids[:-1]:
-                bmc._evaluate(stream, t, result, timings, None, events)
-            bmc.memory.add([a.buffer for a in arts], cfg.memory_size, _gen(seed, 5))
-            t0 = time.perf_counter()
-            consolidate(bmc.model, bmc.memory, cfg, stream.num_classes, seed)
-            timings["consolidation_s"] += time.perf_counter() - t0
-            bmc._evaluate(stream, ids[-1], result, timings, None, events)
-            if ckpt:
-                bmc._save_checkpoint(ckpt, s, fingerprint, result, timings)
-        _collective(f"step {s}: end barrier", dist.barrier)
-    result.timings = timings
-    return result if rank == 0 else None
+
+class DistributedExperts(ExpertRunner):
+    """The experts of a step spread over the ranks of the default process group."""
+
+    def __init__(self):
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+
+    def start(self, cfg, fingerprint, start_step):
+        _check_agreement(fingerprint, cfg, self.rank, self.world)
+        box = [start_step]
+        _collective("resume", dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def train(self, model, stream, task_ids, step_index, cfg, use_stability, progress=None):
+        for t in model.state_dict().values():  # the base, from rank 0
+            _collective(f"step {step_index}: broadcast base", dist.broadcast, t, src=0)
+        mine = rank_tasks(task_ids, self.rank, self.world)
+        steps = expert_steps(stream, task_ids, cfg.batch_size, cfg.epochs)
+        arts = train_experts(model, stream, mine, cfg, step_index, use_stability=use_stability, steps=steps,
+                             progress=progress) if mine else []
+        gathered = [None] * self.world if self.is_main else None
+        _collective(f"step {step_index}: gather artifacts", dist.gather_object, arts, gathered, dst=0)
+        return sorted((a for part in gathered for a in part), key=lambda a: a.task) if self.is_main else []
+
+    def end_step(self, step_index):
+        _collective(f"step {step_index}: end barrier", dist.barrier)
+
+
+def fit_distributed(bmc: BMC, stream, checkpoint_dir=None, resume: bool = False, events=None,
+                    on_task_end=None) -> Result | None:
+    """``bmc.fit`` across the ranks of the default process group. Returns the Result on rank 0
+    and None on the other ranks. Same seed, same result as the single-process run."""
+    return bmc.fit(stream, on_task_end=on_task_end, checkpoint_dir=checkpoint_dir, resume=resume, events=events,
+                   experts=DistributedExperts())

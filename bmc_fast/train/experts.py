@@ -14,13 +14,14 @@ state, buffer) that can be saved and moved to another process. Three ways to run
 * ``"streams"``: K ordinary modules, each stepping on its own CUDA stream.
 * ``"sequential"``: the simple loop, one expert after another.
 
-Every expert takes the same number of steps (``ceil(max task size / batch) * epochs``) over
-fixed-size batches drawn from its own seeded, cycling permutation of its task, so the three modes
-train the same experts up to float rounding (with dropout, each mode draws its own masks).
+Every expert of an incremental step takes the same number of training steps (``ceil(largest task
+of the step / batch) * epochs``) over fixed-size batches drawn from its own cycling permutation of
+its task. Its batch order and its dropout masks (on the fused ResMLP) are keyed by (seed, task id,
+training step) only (:mod:`bmc_fast.train.seeding`), so the three modes, and any split of the
+step's tasks over processes, train the same experts up to float rounding.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -29,12 +30,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .. import _ext
+from ..backbone import ResMLP, fused_args, fused_path_available
+from . import seeding
 from .memory import Buffer
-from ..backbone import ResMLP, fused_args, fused_path_available, fused_train_step, resmlp_train_forward
-from ..optim import AdamW
+from .step import LossSpec, adamw, build_step, describe
 
-__all__ = ["ExpertArtifact", "train_experts", "flat_params", "expert_batches", "resolve_parallel"]
+__all__ = ["ExpertArtifact", "train_experts", "expert_steps", "flat_params", "expert_batches", "resolve_parallel"]
 
 
 @dataclass
@@ -43,37 +44,7 @@ class ExpertArtifact:
     buffer: Buffer
     state: dict | None = None     # the expert's state_dict when asked (keep_expert_states)
     final_loss: float = float("nan")
-
-
-def adamw(params, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.Optimizer:
-    """AdamW in one fused pass over all parameters instead of a handful of small ops per tensor:
-    :class:`bmc_fast.optim.AdamW` (one kernel call per step) for float32/float64 CPU parameters,
-    torch's fused AdamW elsewhere (CUDA). ``fused=False`` is torch's default AdamW (a loop over
-    the parameters on the CPU), as a plain training script runs it."""
-    params = list(params)
-    if fused and _ext.HAVE_EXTENSION and params and all(
-            p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params):
-        return AdamW(params, lr=lr, weight_decay=weight_decay)
-    if fused:
-        try:
-            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            pass
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-@contextlib.contextmanager
-def backbone_mode(model: nn.Module, cfg):
-    """Within the block, a :class:`ResMLP` runs its fused training path only if
-    ``cfg.fused_backbone`` (and the model's own ``fused``) allow it."""
-    if isinstance(model, ResMLP) and model.fused and not cfg.fused_backbone:
-        model.fused = False
-        try:
-            yield
-        finally:
-            model.fused = True
-    else:
-        yield
+    step: str = ""                # how its steps ran: "fused" or "autograd (<reason>)"
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -82,17 +53,10 @@ def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in model.parameters()])
 
 
-def _gen(*seed_parts: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(hash(tuple(int(s) for s in seed_parts)) % (2**62))
-    return g
-
-
-def expert_batches(n: int, steps: int, batch: int, seed: tuple) -> torch.Tensor:
+def expert_batches(n: int, steps: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     """[steps, batch] sample indices into a task of n samples: cycling random permutations."""
-    g = _gen(*seed)
     total = steps * batch
-    perms = [torch.randperm(n, generator=g) for _ in range(-(-total // n))]
+    perms = [torch.randperm(n, generator=generator) for _ in range(-(-total // n))]
     return torch.cat(perms)[:total].view(steps, batch)
 
 
@@ -104,28 +68,52 @@ def resolve_parallel(mode: str, device) -> str:
     return "stacked" if mode == "auto" else mode
 
 
-def _losses(cfg):
-    if cfg.losses == "fused":
-        import bmc_fast as L
-    elif cfg.losses == "reference":
-        from bmc_fast import reference as L
-    else:
-        raise ValueError(f"losses must be 'fused' or 'reference', got {cfg.losses!r}")
-    return L
+def expert_steps(stream, task_ids: list[int], batch_size: int, epochs: int) -> int:
+    """The training steps of every expert of an incremental step: ``ceil(largest task / batch) *
+    epochs`` over all the step's tasks (also those another process trains)."""
+    return math.ceil(max(stream[t].x_train.shape[0] for t in task_ids) / batch_size) * epochs
 
 
-def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, use_stability: bool = True,
-                  progress=None) -> list[ExpertArtifact]:
-    """Trains one expert per task in ``task_ids`` from ``base`` (left unchanged) and returns their
-    artifacts. ``cfg`` is a :class:`bmc_fast.BMCConfig`."""
+@dataclass
+class _Phase:
+    """What the expert loops share: the step's tasks, batches, loss and randomness."""
+    cfg: object
+    task_ids: list
+    steps: int
+    step_index: int
+    batch: object              # s -> ([K, B, ...] inputs, [K, B] global labels)
+    base_features: object      # ([K, B, ...], s) -> [K, B, F] features of the frozen base
+    off: torch.Tensor          # [K] class offsets of the tasks
+    ln: torch.Tensor           # [K] class counts
+    loss: LossSpec
+    base_flat: torch.Tensor | None
+    progress: object
+
+    def seeds(self, s: int) -> list[int]:
+        return seeding.dropout_seeds(self.cfg.seed, "expert_dropout", self.step_index, s)
+
+    @property
+    def feature_stability(self) -> bool:
+        return bool(self.loss.stability_coef) and self.loss.stability == "feature"
+
+
+def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index: int, use_stability: bool = True,
+                  steps: int | None = None, progress=None) -> list[ExpertArtifact]:
+    """Trains one expert per task in ``task_ids`` (consecutive task ids) from ``base`` (left
+    unchanged) and returns their artifacts. ``cfg`` is a :class:`bmc_fast.BMCConfig`;
+    ``step_index`` the incremental step; ``steps`` the training steps of every expert (default:
+    :func:`expert_steps` of ``task_ids``)."""
+    if list(task_ids) != list(range(task_ids[0], task_ids[0] + len(task_ids))):
+        raise ValueError(f"task_ids must be consecutive task ids, got {task_ids}")
     device = torch.device(cfg.device)
     mode = resolve_parallel(cfg.parallel, device)
-    L = _losses(cfg)
     k = len(task_ids)
     tasks = [stream[t] for t in task_ids]
     sizes = [t.x_train.shape[0] for t in tasks]
-    steps = math.ceil(max(sizes) / cfg.batch_size) * cfg.epochs
-    idx = torch.stack([expert_batches(n, steps, cfg.batch_size, (seed, t, 1)) for n, t in zip(sizes, task_ids)])
+    if steps is None:
+        steps = expert_steps(stream, task_ids, cfg.batch_size, cfg.epochs)
+    idx = torch.stack([expert_batches(n, steps, cfg.batch_size, seeding.generator(cfg.seed, "expert_batches", t))
+                       for n, t in zip(sizes, task_ids)])
     ranges = [stream.task_range(t) for t in task_ids]
     # Inputs of all K tasks in one padded tensor on the device: a step gathers [K, B, ...] at once.
     x_pad = torch.zeros((k, max(sizes)) + tasks[0].input_shape, dtype=torch.float32)
@@ -134,15 +122,14 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, 
         x_pad[i, :sizes[i]] = t.x_train.float()
         y_pad[i, :sizes[i]] = t.y_train + o
     x_pad, y_pad, idx = x_pad.to(device), y_pad.to(device), idx.to(device)
-    off = torch.tensor([o for o, _ in ranges], device=device)
-    ln = torch.tensor([n for _, n in ranges], device=device)
 
     base = base.to(device)
     frozen = copy.deepcopy(base).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
     stab = use_stability and cfg.stability_coef > 0
-    base_flat = flat_params(frozen).detach() if stab and cfg.stability == "weight" else None
+    loss = LossSpec(ce_scale=cfg.task_coef / cfg.batch_size, ce_reduction="sum", stability=cfg.stability,
+                    stability_coef=cfg.stability_coef if stab else 0.0)
 
     # Step s's rows of every task as one index_select over the [K * N] rows of a [K, N, ...]
     # tensor (advanced indexing t[rows, idx[:, s]] costs ~3x more at these sizes).
@@ -163,38 +150,16 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, seed: int, 
         with torch.no_grad():
             return frozen(xb.reshape((-1,) + xb.shape[2:]))[1].view(xb.shape[0], xb.shape[1], -1)
 
-    if mode == "stacked":
-        experts, losses = _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off, ln,
-                                         cfg, L, stab, seed, progress)
-    else:
-        experts, losses = _train_each(base, frozen, batch, base_features, base_flat, k, steps, off, ln,
-                                      cfg, L, stab, mode, seed, progress)
+    phase = _Phase(cfg, list(task_ids), steps, step_index, batch, base_features,
+                   torch.tensor([o for o, _ in ranges], device=device), torch.tensor([n for _, n in ranges], device=device),
+                   loss, flat_params(frozen).detach() if stab and cfg.stability == "weight" else None, progress)
+    experts, losses, step = (_train_stacked if mode == "stacked" else _train_each)(base, phase, mode)
     return [
-        ExpertArtifact(task=t, buffer=_make_buffer(e, stream, t, cfg, seed),
+        ExpertArtifact(task=t, buffer=_make_buffer(e, stream, t, cfg),
                        state={n: v.detach().cpu().clone() for n, v in e.state_dict().items()} if cfg.keep_expert_states
-                       else None, final_loss=fl)
+                       else None, final_loss=fl, step=describe(step))
         for e, t, fl in zip(experts, task_ids, losses)
     ]
-
-
-def _step_loss(logits, feats, yb, off_rows, ln_rows, hb, expert_flat, base_flat, cfg, L, stab, kk, bsz):
-    """task_coef * masked CE (mean over each expert's batch, summed over experts) +
-    stability_coef * S_k summed over experts. The one-call step (bmc_fast.backbone.train_step, called
-    in _train_stacked and _train_each) computes the same terms: change both together."""
-    # One scaling node per term (each autograd node costs ~10 us at these sizes).
-    loss = L.task_masked_cross_entropy(logits, yb, off_rows, ln_rows, reduction="sum") * (cfg.task_coef / bsz)
-    if stab:
-        if cfg.stability == "feature":
-            s = L.stability_loss(feats.view(kk, bsz, -1), hb, reduction="sum")
-        else:
-            s = L.weight_stability_loss(expert_flat, base_flat, reduction="sum")
-        loss = loss + scaled(cfg.stability_coef, s)
-    return loss
-
-
-def scaled(coef: float, t: torch.Tensor) -> torch.Tensor:
-    """``coef * t``, without an autograd node when coef is 1."""
-    return t if coef == 1 else coef * t
 
 
 @torch.no_grad()
@@ -216,139 +181,93 @@ def _base_feature_table(frozen: nn.Module, x_pad: torch.Tensor, sizes: list[int]
     return table
 
 
-def _fused_backbone(base: nn.Module, cfg, x: torch.Tensor) -> bool:
-    return bool(cfg.fused_backbone and isinstance(base, ResMLP) and base.fused and fused_path_available(base, x))
-
-
-def train_forward(model: nn.Module, cfg, x: torch.Tensor):
-    """``model``'s training-mode forward for a whole phase on inputs like ``x``: for the default
-    ResMLP on the fused path, :func:`resmlp_train_forward` with the argument lists built once
-    (the module's own per-call checks and list building are ~0.1 ms, a few percent of a
-    64-row step); else the module itself. The parameters must keep their identity over the
-    phase (optimizers update them in place)."""
-    if _fused_backbone(model, cfg, x):
-        lists = fused_args(model)
-        return lambda inp: resmlp_train_forward(model, lists, inp)
-    return model
-
-
-def _train_stacked(base, frozen, batch, base_features, base_flat, k, steps, off, ln, cfg, L, stab, seed,
-                   progress):
-    device = off.device
+def _train_stacked(base: nn.Module, ph: _Phase, mode: str):
+    """The K experts as one stacked model: one step trains all of them."""
+    cfg, k, bsz = ph.cfg, len(ph.task_ids), ph.cfg.batch_size
     members = [copy.deepcopy(base).train() for _ in range(k)]
     params, buffers = stack_module_state(members)
     params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     skeleton = copy.deepcopy(base).to("meta").train()  # whatever mode the base was left in
     opt = adamw(params.values(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
-
-    fstep = None  # the whole step in one call, where it applies (bmc_fast.backbone.train_step)
-    x0 = batch(0)[0]
-    if _fused_backbone(base, cfg, x0[0]):
+    x0 = ph.batch(0)[0] if ph.steps else None
+    lists = forward = None
+    if ph.steps and isinstance(base, ResMLP) and base.fused and cfg.fused_backbone and fused_path_available(base, x0[0]):
         lists = fused_args(skeleton, params, buffers)  # the same tensors every step: built once
-        if not (stab and cfg.stability == "weight"):  # weight stability: the autograd step
-            fstep = fused_train_step(skeleton, lists, opt, x0, cfg)
-
-        def batched(p, b, x):  # the default ResMLP: K models in one fused op call
-            return resmlp_train_forward(skeleton, lists, x)
     else:
-        def fwd(p, b, x):
-            return functional_call(skeleton, (p, b), (x,))
+        batched = vmap(lambda p, b, x: functional_call(skeleton, (p, b), (x,)), randomness="different")
 
-        batched = vmap(fwd, randomness="different")
-    bsz = cfg.batch_size
-    off_rows = off.repeat_interleave(bsz)
-    ln_rows = ln.repeat_interleave(bsz)
-    loss_val = torch.zeros((), device=device)
-    torch.manual_seed(hash((seed, 2)) % (2**62))
-    for s in range(steps):
-        xb, yb = batch(s)
-        if fstep is not None:  # _step_loss + backward + opt.step() in one call
-            hb = base_features(xb, s) if stab else None
-            loss_val = fstep(xb, yb.reshape(-1), off_rows, ln_rows, cfg.task_coef / bsz, "sum",
-                             stability=None if hb is None else (hb, cfg.stability_coef))
-            if progress is not None:
-                progress.update(1)
-            continue
-        logits, feats = batched(params, buffers, xb)
-        hb = base_features(xb, s) if stab and cfg.stability == "feature" else None
-        ef = torch.cat([p.reshape(k, -1) for p in params.values()], 1) if stab and cfg.stability == "weight" else None
-        loss = _step_loss(logits.reshape(k * bsz, -1), feats, yb.reshape(-1), off_rows, ln_rows, hb, ef, base_flat,
-                          cfg, L, stab, k, bsz)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_val = loss.detach()
-        if progress is not None:
-            progress.update(1)
+        def forward(x, seeds=None, first_model=0):
+            return batched(params, buffers, x)
+    step = build_step(skeleton, opt, ph.loss, cfg, x0, stacked=True, lists=lists, forward=forward,
+                      base_flat=ph.base_flat,
+                      params_flat=lambda: torch.cat([p.reshape(k, -1) for p in params.values()], 1)) if ph.steps else None
+    off_rows, ln_rows = ph.off.repeat_interleave(bsz), ph.ln.repeat_interleave(bsz)
+    loss_val = torch.zeros(())
+    for s in range(ph.steps):
+        xb, yb = ph.batch(s)
+        b = {"labels": yb.reshape(-1), "ce_offset": off_rows, "ce_len": ln_rows}
+        if ph.feature_stability:
+            b["base_features"] = ph.base_features(xb, s)
+        loss_val = step(xb, b, ph.seeds(s), ph.task_ids[0])
+        if ph.progress is not None:
+            ph.progress.update(1)
     with torch.no_grad():
         for i, m in enumerate(members):
             m.load_state_dict({**{n: p[i] for n, p in params.items()}, **{n: b[i] for n, b in buffers.items()}})
-    final = float(loss_val) / k
-    return members, [final] * k
+    return members, [float(loss_val) / k] * k, step
 
 
-def _train_each(base, frozen, batch, base_features, base_flat, k, steps, off, ln, cfg, L, stab, mode, seed,
-                progress):
-    device = off.device
+def _train_each(base: nn.Module, ph: _Phase, mode: str):
+    """One model per expert: one after another ("sequential") or each on its own CUDA stream."""
+    cfg, k, bsz = ph.cfg, len(ph.task_ids), ph.cfg.batch_size
+    device = ph.off.device
     members = [copy.deepcopy(base).train() for _ in range(k)]
     for m in members:
         if isinstance(m, ResMLP):
             m.fused = m.fused and cfg.fused_backbone
     opts = [adamw(m.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer) for m in members]
-    bsz = cfg.batch_size
-    x0 = batch(0)[0] if steps else None
-    fwds = [train_forward(m, cfg, x0[i]) for i, m in enumerate(members)] if steps else members
-    # The whole step in one call where it applies (bmc_fast.backbone.train_step): not with weight stability.
-    fsteps = [fused_train_step(m, fused_args(m), o, x0[i], cfg)
-              if isinstance(m, ResMLP) and mode != "streams" and not (stab and cfg.stability == "weight") else None
-              for i, (m, o) in enumerate(zip(members, opts))] if steps else [None] * k
+    x0 = ph.batch(0)[0] if ph.steps else None
+    steps = [build_step(m, o, ph.loss, cfg, x0[i], base_flat=ph.base_flat,
+                        params_flat=lambda m=m: flat_params(m)[None]) for i, (m, o) in enumerate(zip(members, opts))
+             ] if ph.steps else []
     streams = [torch.cuda.Stream(device=device) for _ in range(k)] if mode == "streams" else None
-    finals = [float("nan")] * k
-    torch.manual_seed(hash((seed, 2)) % (2**62))
+    last = [torch.full((), float("nan"))] * k
+    for s in range(ph.steps):
+        xb, yb = ph.batch(s)
+        hb = ph.base_features(xb, s) if ph.feature_stability else None
+        seeds = ph.seeds(s)
 
-    def one(i, xb, yb, hb):
-        if fsteps[i] is not None:
-            return fsteps[i](xb[i], yb[i], off[i].expand(bsz), ln[i].expand(bsz), cfg.task_coef / bsz, "sum",
-                             stability=None if hb is None else (hb[i:i + 1], cfg.stability_coef))
-        logits, feats = fwds[i](xb[i])
-        ef = flat_params(members[i])[None] if stab and cfg.stability == "weight" else None
-        loss = _step_loss(logits, feats, yb[i], off[i].expand(bsz), ln[i].expand(bsz),
-                          None if hb is None else hb[i:i + 1], ef, base_flat, cfg, L, stab, 1, bsz)
-        opts[i].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[i].step()
-        return loss.detach()
+        def one(i):
+            b = {"labels": yb[i], "ce_offset": ph.off[i].expand(bsz), "ce_len": ph.ln[i].expand(bsz)}
+            if hb is not None:
+                b["base_features"] = hb[i:i + 1]
+            last[i] = steps[i](xb[i], b, seeds, ph.task_ids[i])
 
-    last = [None] * k
-    for s in range(steps):
-        xb, yb = batch(s)
-        hb = base_features(xb, s) if stab and cfg.stability == "feature" else None
         if streams is None:
             for i in range(k):
-                last[i] = one(i, xb, yb, hb)
+                one(i)
         else:
             cur = torch.cuda.current_stream(device)
             for i in range(k):
                 streams[i].wait_stream(cur)
                 with torch.cuda.stream(streams[i]):
-                    last[i] = one(i, xb, yb, hb)
+                    one(i)
             for st in streams:
                 cur.wait_stream(st)
-        if progress is not None:
-            progress.update(1)
-    finals = [float(v) for v in last] if steps else finals
-    return members, finals
+        if ph.progress is not None:
+            ph.progress.update(1)
+    return members, [float(v) for v in last], (steps[0] if steps else None)
 
 
 @torch.no_grad()
-def _make_buffer(expert: nn.Module, stream, t: int, cfg, seed: int) -> Buffer:
+def _make_buffer(expert: nn.Module, stream, t: int, cfg) -> Buffer:
     """A random subset of task t (``buffer_size``: a count, or a fraction when < 1) with the
-    expert's features and, when ``store_logits``, its logits over the task's range."""
+    expert's features and, when ``store_logits`` or ``kd_coef > 0``, its logits over the task's range."""
     task = stream[t]
     n = task.x_train.shape[0]
     size = cfg.buffer_size
     keep = min(n, int(round(size * n)) if isinstance(size, float) and size < 1 else int(size))
-    idx = torch.randperm(n, generator=_gen(seed, t, 3))[:keep].sort().values
+    idx = torch.randperm(n, generator=seeding.generator(cfg.seed, "buffer", t))[:keep].sort().values
     o, ln = stream.task_range(t)
     x = task.x_train[idx].float()
     device = torch.device(cfg.device)
@@ -361,4 +280,5 @@ def _make_buffer(expert: nn.Module, stream, t: int, cfg, seed: int) -> Buffer:
     dtype = torch.float16 if cfg.buffer_dtype == "float16" else torch.float32
     features = torch.cat(feats) if feats else torch.zeros(0, 0)
     return Buffer(x=x, y=task.y_train[idx] + o, offset=o, length=ln, features=features.to(dtype),
-                  logits=torch.cat(logits).to(dtype) if cfg.store_logits and logits else None, task=t)
+                  logits=torch.cat(logits).to(dtype) if (cfg.store_logits or cfg.kd_coef > 0) and logits else None,
+                  task=t)

@@ -1,7 +1,8 @@
-"""The BMC trainer (BMC-SPEC §2, §4): incremental steps of K tasks, each a regularization phase
-(parallel experts), buffers, and a consolidation phase (batched distillation on the memory).
-Never imports the compiled extension directly: the losses come through ``bmc_fast`` (fused) or
-``bmc_fast.reference`` (``losses="reference"``, the baseline of the end-to-end benchmark)."""
+"""The BMC step loop (BMC-SPEC §2, §4): incremental steps of K tasks, each a regularization phase
+(parallel experts), buffers, and a consolidation phase (batched distillation on the memory),
+with evaluation, checkpoints and events in one place. Where the experts run is an
+:class:`ExpertRunner`: this process (:class:`LocalExperts`) or the ranks of a process group
+(:class:`bmc_fast.train.distributed.DistributedExperts`)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,14 +15,47 @@ import torch
 from torch import nn
 
 from ..backbone import ResMLP
+from . import seeding
 from .checkpoint import load_checkpoint, save_checkpoint
-from .experts import _gen, train_experts
-from .memory import Memory
-from .metrics import Result, evaluate
 from .config import BMCConfig
 from .consolidation import _progress, consolidate
+from .experts import ExpertArtifact, train_experts
+from .memory import Memory
+from .metrics import Result, evaluate_rows
 
-__all__ = ["BMC"]
+__all__ = ["BMC", "ExpertRunner", "LocalExperts", "incremental_steps"]
+
+
+def incremental_steps(n_tasks: int, k: int) -> list[list[int]]:
+    """The tasks of each incremental step: consecutive groups of ``k``."""
+    return [list(range(s, min(s + k, n_tasks))) for s in range(0, n_tasks, k)]
+
+
+class ExpertRunner:
+    """Where the experts of a step train. The loop calls :meth:`start` once, then per step
+    :meth:`train` and :meth:`end_step`; only the main runner consolidates, evaluates and writes
+    checkpoints."""
+
+    is_main = True
+
+    def start(self, cfg, fingerprint: str | None, start_step: int) -> int:
+        """Checks the run can start; returns the first step (the main runner's choice)."""
+        return start_step
+
+    def train(self, model: nn.Module, stream, task_ids: list[int], step_index: int, cfg, use_stability: bool,
+              progress=None) -> list[ExpertArtifact]:
+        """The artifacts of the step's experts (on the main runner; others may return [])."""
+        raise NotImplementedError
+
+    def end_step(self, step_index: int) -> None:
+        pass
+
+
+class LocalExperts(ExpertRunner):
+    """The experts of a step in this process (stacked, sequential or CUDA streams)."""
+
+    def train(self, model, stream, task_ids, step_index, cfg, use_stability, progress=None):
+        return train_experts(model, stream, task_ids, cfg, step_index, use_stability=use_stability, progress=progress)
 
 
 def _fingerprint(stream) -> str:
@@ -53,12 +87,15 @@ class BMC:
         if events is not None:
             events({"time": time.time(), **record})
 
-    def fit(self, stream, on_task_end=None, checkpoint_dir=None, resume: bool = False, events=None) -> Result:
+    def fit(self, stream, on_task_end=None, checkpoint_dir=None, resume: bool = False, events=None,
+            experts: ExpertRunner | None = None) -> Result | None:
         """Learns the stream in incremental steps of ``n_experts`` tasks; returns the accuracy
         matrices. With ``checkpoint_dir`` a checkpoint is written atomically after every step;
         ``resume=True`` continues from the last one and gives the same result as an
         uninterrupted run with the same seed. ``events`` receives dict records (phase timings,
-        losses, accuracies) as they happen."""
+        losses, accuracies, how each phase's steps ran) as they happen. ``experts`` runs the
+        experts (default: this process); a runner that is not the main one returns None.
+        The caller's global random state is left as it was."""
         from ..data import TaskStream
 
         if not isinstance(stream, TaskStream):
@@ -67,9 +104,14 @@ class BMC:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("BMCConfig.device is 'cuda' but no CUDA device is available")
-        k = cfg.n_experts
-        steps = [list(range(s, min(s + k, len(stream)))) for s in range(0, len(stream), k)]
-        torch.manual_seed(cfg.seed)
+        runner = experts or LocalExperts()
+        with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), device):
+            return self._fit(stream, runner, on_task_end, checkpoint_dir, resume, events)
+
+    def _fit(self, stream, runner, on_task_end, checkpoint_dir, resume, events):
+        cfg = self.config
+        device = torch.device(cfg.device)
+        steps = incremental_steps(len(stream), cfg.n_experts)
         self.model = self.model_fn(stream.input_dim, stream.num_classes).to(device)
         out = self.model(stream[0].x_train[:2].float().to(device))
         if not (isinstance(out, tuple) and len(out) == 2 and out[0].shape == (2, stream.num_classes)):
@@ -77,43 +119,50 @@ class BMC:
         self.memory = Memory()
         result = Result.empty([t.name for t in stream], step_starts=[s[0] for s in steps], config=cfg.to_dict())
         timings = {"experts_s": 0.0, "buffers_s": 0.0, "consolidation_s": 0.0, "evaluation_s": 0.0}
-        start_step = 0
         ckpt = os.path.join(checkpoint_dir, "bmc-checkpoint.pt") if checkpoint_dir else None
-        fingerprint = _fingerprint(stream) if ckpt else None  # hashes every label: once per fit
-        if resume and ckpt and os.path.exists(ckpt):
-            start_step = self._load_checkpoint(ckpt, fingerprint, result, timings)
-            self._log(events, {"event": "resumed", "from_step": start_step})
+        fingerprint = _fingerprint(stream) if ckpt or not isinstance(runner, LocalExperts) else None  # hashes every label
+        start = 0
+        if runner.is_main and resume and ckpt and os.path.exists(ckpt):
+            start = self._load_checkpoint(ckpt, fingerprint, result, timings)
+            self._log(events, {"event": "resumed", "from_step": start})
+        start = runner.start(cfg, fingerprint, start)
+        if runner.is_main and start == 0 and len(steps[0]) > 1:
+            self._evaluate(stream, steps[0][:-1], result, timings, events)  # the untrained base
 
-        for s in range(start_step, len(steps)):
+        for s in range(start, len(steps)):
             ids = steps[s]
-            seed = hash((cfg.seed, s)) % (2**62)
             self._log(events, {"event": "step_start", "step": s, "tasks": ids})
             t0 = time.perf_counter()
-            bar = _progress(cfg, None, f"experts (tasks {ids[0]}-{ids[-1]})")
-            arts = train_experts(self.model, stream, ids, cfg, seed, use_stability=(s > 0 or cfg.stability_first_step),
-                                 progress=bar)
+            bar = _progress(cfg, None, f"experts (tasks {ids[0]}-{ids[-1]})") if runner.is_main else None
+            arts = runner.train(self.model, stream, ids, s, cfg, s > 0 or cfg.stability_first_step, bar)
             if bar is not None:
                 bar.close()
             timings["experts_s"] += time.perf_counter() - t0
-            self._log(events, {"event": "experts_done", "step": s, "seconds": time.perf_counter() - t0,
-                               "losses": [a.final_loss for a in arts]})
-            self.last_artifacts = arts
-            for t in ids[:-1]:  # the base has not changed yet: these tasks show as not learned
-                self._evaluate(stream, t, result, timings, on_task_end, events)
-            t0 = time.perf_counter()
-            self.memory.add([a.buffer for a in arts], cfg.memory_size, _gen(seed, 5))
-            timings["buffers_s"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            info = consolidate(self.model, self.memory, cfg, stream.num_classes, seed,
-                               log=(lambda r: self._log(events, r)) if events else None)
-            timings["consolidation_s"] += time.perf_counter() - t0
-            self._log(events, {"event": "consolidation_done", "step": s, "seconds": time.perf_counter() - t0,
-                               "memory": len(self.memory), **info})
-            self._evaluate(stream, ids[-1], result, timings, on_task_end, events)
-            if ckpt:
-                self._save_checkpoint(ckpt, s, fingerprint, result, timings)
+            if runner.is_main:
+                self._log(events, {"event": "experts_done", "step": s, "seconds": time.perf_counter() - t0,
+                                   "losses": [a.final_loss for a in arts], "kind": arts[0].step})
+                self.last_artifacts = arts
+                for t in ids[:-1]:  # the base has not changed yet: these rows were evaluated with it
+                    self._task_end(t, result, on_task_end, events)
+                t0 = time.perf_counter()
+                self.memory.add([a.buffer for a in arts], cfg.memory_size, seeding.generator(cfg.seed, "memory", s))
+                timings["buffers_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                info = consolidate(self.model, self.memory, cfg, stream.num_classes, s,
+                                   log=(lambda r: self._log(events, r)) if events else None)
+                timings["consolidation_s"] += time.perf_counter() - t0
+                self._log(events, {"event": "consolidation_done", "step": s, "seconds": time.perf_counter() - t0,
+                                   "memory": len(self.memory), **info})
+                # One evaluation of the consolidated model: its row, and the rows of the next
+                # step's tasks learned before the next consolidation (the model is the same).
+                nxt = steps[s + 1][:-1] if s + 1 < len(steps) else []
+                self._evaluate(stream, [ids[-1]] + nxt, result, timings, events)
+                self._task_end(ids[-1], result, on_task_end, events)
+                if ckpt:
+                    self._save_checkpoint(ckpt, s, fingerprint, result, timings)
+            runner.end_step(s)
         result.timings = timings
-        return result
+        return result if runner.is_main else None
 
     def _save_checkpoint(self, path, step, fingerprint, result, timings):
         """Everything needed to continue after ``step``, written atomically (weights_only-loadable)."""
@@ -138,14 +187,18 @@ class BMC:
         torch.set_rng_state(state["rng_torch"])
         return int(state["step"]) + 1
 
-    def _evaluate(self, stream, t, result, timings, on_task_end, events):
+    def _evaluate(self, stream, rows, result, timings, events):
+        """The rows ``rows`` of the accuracy matrices, from one evaluation of the current model."""
         t0 = time.perf_counter()
-        cil, til = evaluate(self.model, stream, t, self.config.device, self.config.full_head)
-        result.cil_matrix[t, : t + 1] = cil
-        result.til_matrix[t, : t + 1] = til
+        for t, (cil, til) in evaluate_rows(self.model, stream, rows, self.config.device, self.config.full_head).items():
+            result.cil_matrix[t, : t + 1] = cil
+            result.til_matrix[t, : t + 1] = til
         timings["evaluation_s"] += time.perf_counter() - t0
-        self._log(events, {"event": "task_end", "task": t, "cil": cil, "til": til,
-                           "average_cil": float(np.mean(cil))})
+
+    def _task_end(self, t, result, on_task_end, events):
+        cil = [float(v) for v in result.cil_matrix[t, : t + 1]]
+        til = [float(v) for v in result.til_matrix[t, : t + 1]]
+        self._log(events, {"event": "task_end", "task": t, "cil": cil, "til": til, "average_cil": float(np.mean(cil))})
         if on_task_end is not None:
             on_task_end(t, self.model)
 

@@ -10,34 +10,65 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["evaluate", "Result"]
+__all__ = ["evaluate", "evaluate_rows", "Result"]
 
 
 @torch.no_grad()
-def evaluate(model, stream, upto: int, device, full_head: bool = False, batch: int = 4096):
-    """Accuracies of ``model`` on the test split of every task j <= upto.
+def evaluate_rows(model, stream, rows: list[int], device, full_head: bool = False, batch: int = 8192) -> dict:
+    """Rows of the accuracy matrices for one model: ``{i: (cil, til)}`` with the accuracies on the
+    test split of every task j <= i, from one forward pass over each task's test data (the rows
+    differ only in the classes their class-IL argmax may choose).
 
-    Class-IL: argmax over the classes of tasks 0..upto (over the whole head with ``full_head``).
-    Task-IL: argmax inside task j's own range. Returns two lists of length upto + 1.
-    """
+    Class-IL of row i: argmax over the classes of tasks 0..i (over the whole head with
+    ``full_head``). Task-IL: argmax inside task j's own range (the same in every row)."""
+    rows = sorted(set(int(i) for i in rows))
     was = model.training
     model.eval()
-    seen = stream.offsets[upto] + stream[upto].num_classes
-    cil, til = [], []
-    for j in range(upto + 1):
+    bounds = [stream.offsets[i] + stream[i].num_classes for i in rows]
+    out = {i: ([], []) for i in rows}
+    for j in range(rows[-1] + 1):
         task = stream[j]
         o, n = stream.task_range(j)
-        correct_c = correct_t = 0
+        live = [r for r, i in enumerate(rows) if i >= j]
+        correct_c = torch.zeros(len(rows), dtype=torch.long)
+        correct_t = 0
         for xs, ys in zip(torch.split(task.x_test, batch), torch.split(task.y_test, batch)):
             logits = model(xs.float().to(device))[0].float().cpu()
-            pred_c = (logits if full_head else logits[:, :seen]).argmax(1)
-            correct_c += int((pred_c == ys + o).sum())
             correct_t += int((logits[:, o:o + n].argmax(1) == ys).sum())
-        m = max(1, task.x_test.shape[0])
-        cil.append(correct_c / m if task.x_test.shape[0] else float("nan"))
-        til.append(correct_t / m if task.x_test.shape[0] else float("nan"))
+            target = ys + o
+            if full_head:
+                hit = int((logits.argmax(1) == target).sum())
+                for r in live:
+                    correct_c[r] += hit
+                continue
+            # argmax over [0, bound) for every row's bound, from one pass over the columns:
+            # the running maximum over the segments between consecutive bounds (ties keep the
+            # first index, as argmax does).
+            best = torch.full((logits.shape[0],), float("-inf"))
+            arg = torch.zeros(logits.shape[0], dtype=torch.long)
+            lo = 0
+            for r in live:
+                hi = bounds[r]
+                if hi > lo:
+                    m, a = logits[:, lo:hi].max(1)
+                    better = m > best
+                    best = torch.where(better, m, best)
+                    arg = torch.where(better, a + lo, arg)
+                    lo = hi
+                correct_c[r] += int((arg == target).sum())
+        m = task.x_test.shape[0]
+        for r in live:
+            cil, til = out[rows[r]]
+            cil.append(int(correct_c[r]) / m if m else float("nan"))
+            til.append(correct_t / m if m else float("nan"))
     model.train(was)
-    return cil, til
+    return out
+
+
+def evaluate(model, stream, upto: int, device, full_head: bool = False, batch: int = 8192):
+    """Accuracies of ``model`` after task ``upto`` on the test split of every task j <= upto: two
+    lists (class-IL, task-IL) of length upto + 1 (:func:`evaluate_rows` of one row)."""
+    return evaluate_rows(model, stream, [upto], device, full_head, batch)[upto]
 
 
 @dataclass

@@ -1,0 +1,234 @@
+"""One place that builds a training step: :func:`build_step`.
+
+A step trains a model (or K stacked models) on one batch with the loss a :class:`LossSpec`
+describes. Where the default ResMLP, bmc_fast's AdamW and the fused losses all apply on the CPU,
+it is the one-call C++ step (:class:`bmc_fast.backbone.FusedTrainStep`); otherwise the autograd
+step below computes the same terms with the loss ops. The choice is made once, when the step is
+built, and its reason is kept in ``step.reason`` (the trainer reports it in its events).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import _ext
+from ..backbone import ResMLP, fused_args, fused_path_available, fused_train_step, resmlp_train_forward, unfused_reason
+from ..optim import AdamW
+
+__all__ = ["LossSpec", "build_step", "describe", "adamw", "loss_ops", "backbone_mode"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss of a training step: which terms, their coefficients and reductions. Both the
+    autograd step and the one-call C++ step read it.
+
+    ``ce_scale * task_masked_cross_entropy(logits, labels, ce_offset, ce_len, ce_reduction)``
+    + ``distill_coef * batched_distillation_loss(features, teacher_features, buffer_id,
+    num_buffers, "mean")`` + ``stability_coef * stability_loss(features, base_features, "sum")``
+    (``stability="weight"``: ``weight_stability_loss(expert parameters, base parameters, "sum")``)
+    + ``kd_coef * task_masked_kd_loss(logits, teacher_logits, kd_offset, kd_len,
+    kd_temperature)``. A term with a zero coefficient is not computed; a term with a non-zero
+    coefficient whose batch tensors are missing is an error, never skipped. ``mixup_alpha > 0``
+    mixes each batch's inputs with a permutation of them (weight from Beta(alpha, alpha), both
+    drawn from the step's ``mixup_generator``, a numpy Generator) and its CE labels; it needs the
+    other terms off (their stored targets belong to unmixed inputs)."""
+
+    ce_scale: float = 1.0
+    ce_reduction: str = "mean"
+    distill_coef: float = 0.0
+    num_buffers: int = 0
+    stability: str = "feature"
+    stability_coef: float = 0.0
+    kd_coef: float = 0.0
+    kd_temperature: float = 1.0
+    mixup_alpha: float = 0.0
+
+    def __post_init__(self):
+        if self.ce_reduction not in ("mean", "sum"):
+            raise ValueError(f"LossSpec.ce_reduction must be 'mean' or 'sum', got {self.ce_reduction!r}")
+        if self.stability not in ("feature", "weight"):
+            raise ValueError(f"LossSpec.stability must be 'feature' or 'weight', got {self.stability!r}")
+        if self.mixup_alpha > 0 and (self.distill_coef or self.stability_coef or self.kd_coef):
+            raise ValueError("mixup mixes the inputs of a batch, whose stored targets (distillation, stability, "
+                             "KD) belong to the unmixed inputs: use mixup only with those terms off")
+
+    def replace(self, **changes) -> "LossSpec":
+        return dataclasses.replace(self, **changes)
+
+    def batch_keys(self) -> list[str]:
+        """The batch tensors the terms read."""
+        keys = ["labels", "ce_offset", "ce_len"]
+        if self.distill_coef:
+            keys += ["teacher_features", "buffer_id"]
+        if self.stability_coef and self.stability == "feature":
+            keys += ["base_features"]
+        if self.kd_coef:
+            keys += ["teacher_logits", "kd_offset", "kd_len"]
+        return keys
+
+
+def loss_ops(cfg):
+    """The loss functions: bmc_fast's fused ones, or the pure-PyTorch references
+    (``losses="reference"``)."""
+    if cfg.losses == "reference":
+        from .. import reference
+        return reference
+    import bmc_fast
+    return bmc_fast
+
+
+def adamw(params, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW in one fused pass over all parameters: :class:`bmc_fast.optim.AdamW` (one kernel call
+    per step) for float32/float64 CPU parameters, torch's fused AdamW elsewhere (CUDA).
+    ``fused=False`` is torch's default AdamW (a loop over the parameters on the CPU)."""
+    params = list(params)
+    if fused and _ext.HAVE_EXTENSION and params and all(
+            p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params):
+        return AdamW(params, lr=lr, weight_decay=weight_decay)
+    if fused:
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+@contextlib.contextmanager
+def backbone_mode(model: nn.Module, cfg):
+    """Within the block, a :class:`ResMLP` runs its fused training path only if
+    ``cfg.fused_backbone`` (and the model's own ``fused``) allow it."""
+    if isinstance(model, ResMLP) and model.fused and not cfg.fused_backbone:
+        model.fused = False
+        try:
+            yield
+        finally:
+            model.fused = True
+    else:
+        yield
+
+
+def _scaled(coef: float, t: torch.Tensor) -> torch.Tensor:
+    return t if coef == 1 else coef * t
+
+
+class AutogradStep:
+    """The step through autograd: forward, the :class:`LossSpec` terms with the loss ops,
+    backward, ``optimizer.step()``. ``forward(x, seeds, first_model) -> (logits, features)``;
+    ``params_flat()`` gives the expert parameters ``[K, P]`` for weight stability."""
+
+    kind = "autograd"
+
+    def __init__(self, forward, optimizer, loss: LossSpec, ops, reason: str, stacked: bool = False, base_flat=None,
+                 params_flat=None, mixup_generator=None):
+        self.forward, self.optimizer, self.loss, self.ops, self.reason = forward, optimizer, loss, ops, reason
+        self.stacked = stacked
+        self.base_flat, self.params_flat = base_flat, params_flat
+        if loss.mixup_alpha > 0 and mixup_generator is None:
+            raise ValueError("a step with mixup needs its mixup_generator (a numpy Generator)")
+        self._mixgen = mixup_generator
+
+    def loss_value(self, x, batch, seeds=None, first_model=0, train: bool = True) -> torch.Tensor:
+        """The loss of ``batch`` (with its graph); mixup only when ``train``."""
+        spec, L = self.loss, self.ops
+        y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
+        stacked = self.stacked
+        if train and spec.mixup_alpha > 0:
+            lam = float(self._mixgen.beta(spec.mixup_alpha, spec.mixup_alpha))
+            perm = torch.from_numpy(self._mixgen.permutation(x.shape[0])).to(x.device)
+            logits, _ = self.forward(lam * x + (1 - lam) * x[perm], seeds, first_model)
+            ce = lam * L.task_masked_cross_entropy(logits, y, off, ln, reduction=spec.ce_reduction) + (1 - lam) * \
+                L.task_masked_cross_entropy(logits, y[perm], off[perm], ln[perm], reduction=spec.ce_reduction)
+            return _scaled(spec.ce_scale, ce)
+        logits, feats = self.forward(x, seeds, first_model)
+        rows = logits.reshape(-1, logits.shape[-1]) if stacked else logits
+        loss = _scaled(spec.ce_scale, L.task_masked_cross_entropy(rows, y, off, ln, reduction=spec.ce_reduction))
+        if spec.stability_coef:
+            if spec.stability == "feature":
+                s = L.stability_loss(feats if stacked else feats[None], _need(batch, "base_features"), reduction="sum")
+            else:
+                s = L.weight_stability_loss(self.params_flat(), self.base_flat, reduction="sum")
+            loss = loss + _scaled(spec.stability_coef, s)
+        if spec.distill_coef:
+            loss = loss + _scaled(spec.distill_coef, L.batched_distillation_loss(
+                feats.float(), _need(batch, "teacher_features"), _need(batch, "buffer_id"), spec.num_buffers,
+                reduction="mean"))
+        if spec.kd_coef:
+            loss = loss + _scaled(spec.kd_coef, L.task_masked_kd_loss(
+                rows.float(), _need(batch, "teacher_logits"), _need(batch, "kd_offset"), _need(batch, "kd_len"),
+                spec.kd_temperature))
+        return loss
+
+    def __call__(self, x, batch, seeds=None, first_model=0) -> torch.Tensor:
+        loss = self.loss_value(x, batch, seeds, first_model)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def _need(batch: dict, key: str) -> torch.Tensor:
+    t = batch.get(key)
+    if t is None:
+        raise ValueError(f"the step's loss terms need batch[{key!r}]")
+    return t
+
+
+def build_step(model: nn.Module, optimizer, loss: LossSpec, cfg, x: torch.Tensor, *, stacked: bool = False,
+               lists: tuple | None = None, forward=None, base_flat=None, params_flat=None, mixup_generator=None):
+    """The training step of ``model`` (a module, or the hyper-parameter skeleton of stacked
+    models whose tensors are ``lists``, see :func:`bmc_fast.backbone.fused_args`) with
+    ``optimizer`` and the loss ``loss``, for inputs like ``x``: the one-call step where it
+    applies, else the autograd step (``forward(x, seeds, first_model)`` overrides the model's
+    own forward, e.g. a ``vmap`` over stacked models; ``stacked``: ``x`` is ``[K, B, ...]`` and
+    the labels are the K batches' rows in order). ``base_flat`` and ``params_flat()`` are the
+    base's and the experts' flat parameters of weight stability. ``step.kind`` is "fused" or
+    "autograd"; ``step.reason`` says why the autograd step was chosen (None for "fused")."""
+    fused_model = isinstance(model, ResMLP) and model.fused and cfg.fused_backbone
+    if lists is None and forward is None and fused_model:
+        lists = fused_args(model)
+    reason = _config_reason(cfg, loss)
+    if reason is None:
+        reason = unfused_reason(model, lists, optimizer, x) if lists is not None else \
+            f"the model is a {type(model).__name__}, not the fused ResMLP"
+    if reason is None:
+        step = fused_train_step(model, lists, optimizer, x, loss)
+        step.kind, step.reason = "fused", None
+        return step
+    if forward is None:
+        x0 = x if lists is None or lists[0][0].dim() == 2 else x[0]
+        if fused_model and lists is not None and fused_path_available(model, x0):
+            def forward(inp, seeds=None, first_model=0):
+                return resmlp_train_forward(model, lists, inp, seeds, first_model)
+        else:
+            def forward(inp, seeds=None, first_model=0):
+                return model(inp)
+    return AutogradStep(forward, optimizer, loss, loss_ops(cfg), reason, stacked, base_flat, params_flat,
+                        mixup_generator)
+
+
+def _config_reason(cfg, loss: LossSpec) -> str | None:
+    if not cfg.fused_step:
+        return "BMCConfig.fused_step is off"
+    if cfg.losses != "fused":
+        return "BMCConfig.losses is 'reference'"
+    if not cfg.fused_backbone:
+        return "BMCConfig.fused_backbone is off"
+    if not cfg.fused_optimizer:
+        return "BMCConfig.fused_optimizer is off"
+    if loss.mixup_alpha > 0:
+        return "mixup runs through autograd"
+    if loss.stability_coef and loss.stability == "weight":
+        return "weight stability runs through autograd"
+    return None
+
+
+def describe(step) -> str:
+    """"fused", or "autograd (<why>)" for a step of :func:`build_step`; "" for None."""
+    if step is None:
+        return ""
+    return "fused" if step.kind == "fused" else f"autograd ({step.reason})"
