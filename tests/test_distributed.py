@@ -35,8 +35,12 @@ class MLP(torch.nn.Module):  # no BatchNorm: see tests/test_trainer.py::_MLP
         return self.head(h), h
 
 
-if mode == "single":
-    BMC(cfg, model_fn=MLP).fit(demo_stream()).save(out)
+model_fn = MLP
+if mode.startswith("default"):  # the default ResMLP with dropout: its masks are keyed by task
+    cfg = BMCConfig(**{{**{CFG}, "n_experts": 4, "dropout": 0.3}})
+    model_fn = None
+if mode in ("single", "default_single"):
+    BMC(cfg, model_fn=model_fn).fit(demo_stream()).save(out)
     sys.exit(0)
 if mode == "mismatch" and os.environ["RANK"] == "1":
     cfg = BMCConfig(**{{**{CFG}, "lr": 0.5}})
@@ -52,7 +56,7 @@ if mode in ("die", "die_late") and rank == 1:
         return real(model, stream, ids, *a, **k)
     D.train_experts = dying
 try:
-    res = fit_distributed(BMC(cfg, model_fn=MLP), demo_stream(), checkpoint_dir=ckpt, resume=ckpt is not None)
+    res = fit_distributed(BMC(cfg, model_fn=model_fn), demo_stream(), checkpoint_dir=ckpt, resume=ckpt is not None)
 except Exception as exc:
     print(f"ERROR {{type(exc).__name__}}: {{exc}}", flush=True)
     D.exit_after_failure(5)
@@ -125,6 +129,20 @@ def test_two_processes_give_the_single_process_result(tmp_path):
     np.testing.assert_allclose(dist_res.cil_matrix, single.cil_matrix, atol=0.03, equal_nan=True)
     np.testing.assert_allclose(dist_res.til_matrix, single.til_matrix, atol=0.03, equal_nan=True)
     np.testing.assert_array_equal(np.isnan(dist_res.cil_matrix), np.isnan(single.cil_matrix))
+
+
+def test_one_and_two_processes_train_the_same_default_model(tmp_path):
+    # The default ResMLP with dropout, 4 experts a step: one process stacks 4, two processes stack
+    # 2 each. Batch order and dropout masks are keyed by task, not by stack slot or rank.
+    outs = _launch(tmp_path, "default")
+    assert all(rc == 0 for rc, _, _ in outs), outs
+    two = Result.load(tmp_path / "res.json")
+    r = subprocess.run([sys.executable, str(_write(tmp_path)), "default_single", str(tmp_path / "one.json")],
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    one = Result.load(tmp_path / "one.json")
+    assert abs(two.final_cil_accuracy - one.final_cil_accuracy) <= 1e-3
+    assert abs(two.final_til_accuracy - one.final_til_accuracy) <= 1e-3
 
 
 def test_a_dying_rank_fails_the_job_with_the_phase_named(tmp_path):

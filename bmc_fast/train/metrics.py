@@ -115,11 +115,20 @@ class Result:
         vals = [np.nanmax(a[:last, j]) - a[last, j] for j in js if not np.all(np.isnan(a[:last, j]))]
         return float(np.mean(vals)) if vals else float("nan")
 
+    def just_learned(self, j: int) -> float:
+        """Task j's accuracy right after the consolidation that learned it: the row of the last
+        task of j's incremental step (rows before it in the step show j not yet learned)."""
+        ends = [s - 1 for s in self.step_starts[1:]] + [len(self.task_names) - 1]
+        end = next((e for e in ends if e >= j), len(self.task_names) - 1) if self.step_starts else j
+        return float(self.cil_matrix[end, j])
+
     @property
     def backward_transfer(self) -> float:
-        """Mean over j < last of A[last, j] - A[j, j]."""
+        """Mean, over tasks consolidated before the last step, of the final accuracy minus the
+        accuracy just after their own consolidation (:meth:`just_learned`)."""
         a, last = self.cil_matrix, len(self.task_names) - 1
-        vals = [a[last, j] - a[j, j] for j in range(last)]
+        vals = [a[last, j] - self.just_learned(j) for j in range(self._consolidated_before_last_step())
+                if not np.isnan(self.just_learned(j))]
         return float(np.mean(vals)) if vals else float("nan")
 
     def summary(self) -> dict:
