@@ -278,3 +278,42 @@ def test_cli_run_writes_results(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bmc_fast", "run", "--experts", "0", "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "n_experts" in bad.stderr
+
+
+@pytest.mark.parametrize("mode", ["stacked", "sequential"])
+def test_experts_with_their_task_rows_make_the_whole_head_buffers(mode):
+    # The default ResMLP's experts train only their task's head rows: same buffers (features and
+    # task-range logits) and, put back into the whole head, the same expert as with every row.
+    stream = demo_stream()
+    cfg = BMCConfig(n_experts=3, parallel=mode, epochs=1, batch_size=32, keep_expert_states=True, store_logits=True,
+                    progress=False, dropout=0.0)
+    out = {}
+    for whole in (False, True):
+        torch.manual_seed(0)
+        base = ResMLP(stream.input_dim, stream.num_classes, dropout=0.0)
+        out[whole] = train_experts(base, stream, [1, 2, 3], cfg, step_index=1, whole_head=whole)
+    for a, b in zip(out[False], out[True]):
+        assert a.buffer.logits.shape == (len(a.buffer), 2)
+        torch.testing.assert_close(a.buffer.features, b.buffer.features, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.buffer.logits, b.buffer.logits, rtol=1e-4, atol=1e-4)
+        o, n = stream.task_range(a.task)
+        for name, v in a.state.items():
+            w = b.state[name]
+            if name.startswith("head."):  # rows outside the task: the base's (the whole head decays them)
+                v, w = v[o:o + n], w[o:o + n]
+            torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_uneven_tasks_and_float16_inputs_train_and_keep_their_dtype():
+    g = torch.Generator().manual_seed(0)
+    tasks = [Task(f"t{i}", torch.randn(n, 12, generator=g).half(), torch.randint(0, c, (n,), generator=g),
+                  torch.randn(20, 12, generator=g).half(), torch.randint(0, c, (20,), generator=g), c)
+             for i, (n, c) in enumerate([(300, 2), (40, 5), (1000, 3), (7, 2)])]
+    stream = TaskStream(tasks)
+    cfg = BMCConfig(n_experts=2, epochs=1, batch_size=16, buffer_size=50, memory_size=60, consolidation_epochs=1,
+                    progress=False)
+    res = BMC(cfg).fit(stream)
+    assert np.isfinite(res.final_cil_accuracy)
+    arts = train_experts(ResMLP(12, stream.num_classes), stream, [2, 3], cfg, step_index=1)
+    assert [len(a.buffer) for a in arts] == [50, 7]
+    assert all(a.buffer.x.dtype == torch.float32 for a in arts)

@@ -13,6 +13,8 @@ bmc_fast chose it (:func:`bmc_fast.set_cpu_matmul`).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -84,6 +86,33 @@ class ResMLP(nn.Module):
             return _onednn_linear(self.head, h), h
         h = self.block2(self.block1(self.proj(x)))
         return self.head(h), h
+
+    def head_rows(self, start: int, count: int) -> "ResMLP":
+        """A copy whose head holds only the ``count`` rows from row ``start`` (rows past the end of
+        the head are zero): a model that computes only some classes' logits, e.g. an expert's own
+        task. :meth:`with_head_of` puts them back into a whole head."""
+        m = copy.deepcopy(self)
+        w, b = self.head.weight, self.head.bias
+        head = nn.Linear(self.feature_dim, count, device=w.device, dtype=w.dtype)
+        take = max(0, min(count, self.num_classes - start))
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.weight[:take] = w[start:start + take]
+            head.bias[:take] = b[start:start + take]
+        m.head, m.num_classes = head, count
+        return m
+
+    def with_head_of(self, narrow: "ResMLP", start: int, count: int) -> "ResMLP":
+        """``narrow`` (made by :meth:`head_rows`) with this model's whole head, whose rows
+        ``[start, start + count)`` are the first ``count`` rows of ``narrow``'s head."""
+        m = copy.deepcopy(narrow)
+        head = copy.deepcopy(self.head)
+        with torch.no_grad():
+            head.weight[start:start + count] = narrow.head.weight[:count]
+            head.bias[start:start + count] = narrow.head.bias[:count]
+        m.head, m.num_classes = head, self.num_classes
+        return m
 
     def _onednn_eval(self, x: torch.Tensor) -> bool:
         return (not torch.is_grad_enabled() and x.dtype == torch.float32 and _eager_cpu_input(self, x)

@@ -98,11 +98,12 @@ class _Phase:
 
 
 def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index: int, use_stability: bool = True,
-                  steps: int | None = None, progress=None) -> list[ExpertArtifact]:
+                  steps: int | None = None, progress=None, whole_head: bool = False) -> list[ExpertArtifact]:
     """Trains one expert per task in ``task_ids`` (consecutive task ids) from ``base`` (left
     unchanged) and returns their artifacts. ``cfg`` is a :class:`bmc_fast.BMCConfig`;
     ``step_index`` the incremental step; ``steps`` the training steps of every expert (default:
-    :func:`expert_steps` of ``task_ids``)."""
+    :func:`expert_steps` of ``task_ids``). ``whole_head=True`` trains the default ResMLP's
+    experts with the whole head instead of their task's rows (same experts up to rounding)."""
     if list(task_ids) != list(range(task_ids[0], task_ids[0] + len(task_ids))):
         raise ValueError(f"task_ids must be consecutive task ids, got {task_ids}")
     device = torch.device(cfg.device)
@@ -115,19 +116,36 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
     idx = torch.stack([expert_batches(n, steps, cfg.batch_size, seeding.generator(cfg.seed, "expert_batches", t))
                        for n, t in zip(sizes, task_ids)])
     ranges = [stream.task_range(t) for t in task_ids]
-    # Inputs of all K tasks in one padded tensor on the device: a step gathers [K, B, ...] at once.
-    x_pad = torch.zeros((k, max(sizes)) + tasks[0].input_shape, dtype=torch.float32)
+    base = base.to(device)
+    stab = use_stability and cfg.stability_coef > 0
+    # The default ResMLP's experts carry only their own task's head rows: the task-masked loss
+    # reads nothing else, and an expert's other rows are never used afterwards, so the cost of
+    # a step does not grow with the stream's classes. (Weight stability holds the whole head.)
+    narrow = isinstance(base, ResMLP) and not whole_head and not (stab and cfg.stability == "weight")
+    if narrow:
+        width = max(n for _, n in ranges)
+        members = [base.head_rows(o, width) for o, _ in ranges]
+        label_offsets = [0] * k
+    else:
+        members = [copy.deepcopy(base) for _ in range(k)]
+        label_offsets = [o for o, _ in ranges]
+    # Inputs of all K tasks in one padded tensor in their stored dtype (float16 features stay
+    # float16), labels in the experts' heads: a step gathers [K, B, ...] at once and converts
+    # only that batch to float32.
+    x_dtype = tasks[0].x_train.dtype
+    for t in tasks[1:]:
+        x_dtype = torch.promote_types(x_dtype, t.x_train.dtype)
+    x_pad = torch.zeros((k, max(sizes)) + tasks[0].input_shape, dtype=x_dtype)
     y_pad = torch.zeros(k, max(sizes), dtype=torch.long)
-    for i, (t, (o, _)) in enumerate(zip(tasks, ranges)):
-        x_pad[i, :sizes[i]] = t.x_train.float()
-        y_pad[i, :sizes[i]] = t.y_train + o
+    for i, t in enumerate(tasks):
+        x_pad[i, :sizes[i]] = t.x_train
+        y_pad[i, :sizes[i]] = t.y_train + label_offsets[i]
     x_pad, y_pad, idx = x_pad.to(device), y_pad.to(device), idx.to(device)
 
-    base = base.to(device)
-    frozen = copy.deepcopy(base).eval()
+    # The frozen base gives the stability targets (its features; the head is not needed).
+    frozen = (base.head_rows(0, 1) if narrow else copy.deepcopy(base)).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    stab = use_stability and cfg.stability_coef > 0
     loss = LossSpec(ce_scale=cfg.task_coef / cfg.batch_size, ce_reduction="sum", stability=cfg.stability,
                     stability_coef=cfg.stability_coef if stab else 0.0)
 
@@ -139,7 +157,7 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
         return torch.index_select(t.view((-1,) + t.shape[2:]), 0, flat_idx[s].view(-1)).view((k, -1) + t.shape[2:])
 
     def batch(s):
-        return rows_of_step(x_pad, s), rows_of_step(y_pad, s)
+        return rows_of_step(x_pad, s).float(), rows_of_step(y_pad, s)
 
     table = (_base_feature_table(frozen, x_pad, sizes, cfg.base_feature_table_mb)
              if stab and cfg.stability == "feature" and cfg.base_feature_table_mb > 0 else None)
@@ -150,16 +168,20 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
         with torch.no_grad():
             return frozen(xb.reshape((-1,) + xb.shape[2:]))[1].view(xb.shape[0], xb.shape[1], -1)
 
+    head_len = torch.tensor([n for _, n in ranges], device=device)
     phase = _Phase(cfg, list(task_ids), steps, step_index, batch, base_features,
-                   torch.tensor([o for o, _ in ranges], device=device), torch.tensor([n for _, n in ranges], device=device),
-                   loss, flat_params(frozen).detach() if stab and cfg.stability == "weight" else None, progress)
-    experts, losses, step = (_train_stacked if mode == "stacked" else _train_each)(base, phase, mode)
-    return [
-        ExpertArtifact(task=t, buffer=_make_buffer(e, stream, t, cfg),
-                       state={n: v.detach().cpu().clone() for n, v in e.state_dict().items()} if cfg.keep_expert_states
-                       else None, final_loss=fl, step=describe(step))
-        for e, t, fl in zip(experts, task_ids, losses)
-    ]
+                   torch.tensor(label_offsets, device=device), head_len, loss,
+                   flat_params(frozen).detach() if stab and cfg.stability == "weight" else None, progress)
+    experts, losses, step = (_train_stacked if mode == "stacked" else _train_each)(members, phase, mode)
+    arts = []
+    for e, t, fl, (o, n), lo in zip(experts, task_ids, losses, ranges, label_offsets):
+        buffer = _make_buffer(e, stream, t, cfg, logit_offset=lo)
+        if narrow and cfg.keep_expert_states:
+            e = base.with_head_of(e, o, n)
+        arts.append(ExpertArtifact(task=t, buffer=buffer, final_loss=fl, step=describe(step),
+                                   state={n: v.detach().cpu().clone() for n, v in e.state_dict().items()}
+                                   if cfg.keep_expert_states else None))
+    return arts
 
 
 @torch.no_grad()
@@ -170,21 +192,23 @@ def _base_feature_table(frozen: nn.Module, x_pad: torch.Tensor, sizes: list[int]
     one small one per step (and per epoch). Eval mode makes a sample's features independent of
     its batch, so this is the same as computing them batch by batch."""
     k, n = x_pad.shape[:2]
-    probe = frozen(x_pad[0, :1])[1]
+    probe = frozen(x_pad[0, :1].float())[1]
     if k * n * probe[0].numel() * probe.element_size() > budget_mb * 2**20:
         return None
     table = torch.zeros((k, n) + tuple(probe.shape[1:]), dtype=probe.dtype, device=probe.device)
     for i, size in enumerate(sizes):
         for a in range(0, size, chunk):
             b = min(size, a + chunk)
-            table[i, a:b] = frozen(x_pad[i, a:b])[1]
+            table[i, a:b] = frozen(x_pad[i, a:b].float())[1]
     return table
 
 
-def _train_stacked(base: nn.Module, ph: _Phase, mode: str):
-    """The K experts as one stacked model: one step trains all of them."""
+def _train_stacked(members: list, ph: _Phase, mode: str):
+    """The K experts (``members``, of one shape) as one stacked model: one step trains all."""
     cfg, k, bsz = ph.cfg, len(ph.task_ids), ph.cfg.batch_size
-    members = [copy.deepcopy(base).train() for _ in range(k)]
+    base = members[0]
+    for m in members:
+        m.train()
     params, buffers = stack_module_state(members)
     params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     skeleton = copy.deepcopy(base).to("meta").train()  # whatever mode the base was left in
@@ -217,12 +241,12 @@ def _train_stacked(base: nn.Module, ph: _Phase, mode: str):
     return members, [float(loss_val) / k] * k, step
 
 
-def _train_each(base: nn.Module, ph: _Phase, mode: str):
+def _train_each(members: list, ph: _Phase, mode: str):
     """One model per expert: one after another ("sequential") or each on its own CUDA stream."""
     cfg, k, bsz = ph.cfg, len(ph.task_ids), ph.cfg.batch_size
     device = ph.off.device
-    members = [copy.deepcopy(base).train() for _ in range(k)]
     for m in members:
+        m.train()
         if isinstance(m, ResMLP):
             m.fused = m.fused and cfg.fused_backbone
     opts = [adamw(m.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer) for m in members]
@@ -260,9 +284,10 @@ def _train_each(base: nn.Module, ph: _Phase, mode: str):
 
 
 @torch.no_grad()
-def _make_buffer(expert: nn.Module, stream, t: int, cfg) -> Buffer:
+def _make_buffer(expert: nn.Module, stream, t: int, cfg, logit_offset: int) -> Buffer:
     """A random subset of task t (``buffer_size``: a count, or a fraction when < 1) with the
-    expert's features and, when ``store_logits`` or ``kd_coef > 0``, its logits over the task's range."""
+    expert's features and, when ``store_logits`` or ``kd_coef > 0``, its logits over the task's range
+    (which starts at row ``logit_offset`` of the expert's head)."""
     task = stream[t]
     n = task.x_train.shape[0]
     size = cfg.buffer_size
@@ -276,7 +301,7 @@ def _make_buffer(expert: nn.Module, stream, t: int, cfg) -> Buffer:
     for chunk in torch.split(x, 4096):
         lg, h = expert(chunk.to(device))
         feats.append(h.float().cpu())
-        logits.append(lg[:, o:o + ln].float().cpu())
+        logits.append(lg[:, logit_offset:logit_offset + ln].float().cpu())
     dtype = torch.float16 if cfg.buffer_dtype == "float16" else torch.float32
     features = torch.cat(feats) if feats else torch.zeros(0, 0)
     return Buffer(x=x, y=task.y_train[idx] + o, offset=o, length=ln, features=features.to(dtype),
