@@ -250,6 +250,9 @@ def test_opcheck_under_autocast(name):
         torch.library.opcheck(OPS[name], _raw_args(name, f.detach().float().requires_grad_(rg), t, rg))
 
 
+# What the fused-gradient path saves for backward: the gradient computed in the forward, and the
+# inputs only for the gradients recomputed in the backward (a promoted copy held for nothing
+# would cost memory of input size).
 def _saved_shapes(fn):
     shapes = []
 
@@ -260,6 +263,24 @@ def _saved_shapes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         fn()
     return shapes
+
+
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_kd_saves_the_logits_only_for_the_teacher_gradient(teacher_grad):
+    s = torch.randn(16, 30, dtype=BF16, requires_grad=True)
+    t = torch.randn(16, 30, requires_grad=teacher_grad)
+    shapes = _saved_shapes(lambda: bmc_fast.task_masked_kd_loss(s, t, 0, 30))
+    # the fused gradient, plus the promoted student and the teacher when the teacher needs a gradient
+    assert shapes.count((16, 30)) == (3 if teacher_grad else 1)
+
+
+@pytest.mark.parametrize("base_grad", [False, True])
+def test_weight_stability_saves_the_parameters_only_when_needed(base_grad):
+    e = torch.randn(3, 50, dtype=BF16, requires_grad=True)
+    b = torch.randn(50, requires_grad=base_grad)
+    shapes = _saved_shapes(lambda: bmc_fast.weight_stability_loss(e, b))
+    assert shapes.count((3, 50)) == (2 if base_grad else 1)
+    assert shapes.count((50,)) == (1 if base_grad else 0)
 
 
 def test_fused_gradient_under_autocast_saves_one_buffer():

@@ -50,7 +50,11 @@ def _task_masked_kd_loss_setup_context(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)  # else autograd allocates zeros of input size for grad
-    ctx.save_for_backward(grad, student_logits, teacher_logits, task_offset, task_len)
+    # Both logits are read only by the teacher's gradient; not saving them otherwise keeps the
+    # (usually frozen) teacher logits and any promoted copies unheld.
+    teacher = ctx.needs_input_grad[1]
+    ctx.save_for_backward(grad, student_logits if teacher else None, teacher_logits if teacher else None,
+                          task_offset, task_len)
 
 
 def _teacher_grad(student_logits, teacher_logits, off, ln, tau, row_factor):

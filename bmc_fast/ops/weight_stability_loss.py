@@ -57,7 +57,11 @@ def _weight_stability_loss_setup_context(ctx, inputs, output):
     ctx.has_weights = weights is not None
     ctx.mark_non_differentiable(grad, per_expert)
     ctx.set_materialize_grads(False)  # else autograd allocates zeros of input size for grad
-    ctx.save_for_backward(grad, per_expert, expert_params, base_params, importance, weights)
+    # The parameters are read only by the gradients of base_params and importance (the kernel's
+    # gradient covers expert_params); not saving them otherwise keeps promoted copies unheld.
+    recompute = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    ctx.save_for_backward(grad, per_expert, expert_params if recompute else None,
+                          base_params if recompute else None, importance, weights)
 
 
 def _expert_factors(ctx, grad_loss, weights, dtype):
