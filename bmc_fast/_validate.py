@@ -3,7 +3,8 @@
 Static checks (types, dtypes, shapes, devices, options) only read metadata, so they are free and
 safe under ``torch.compile``. Data-dependent checks (ids and labels in range, finite weights) are
 done by the C++ kernels; the references do them eagerly with the ``check_*_values`` functions.
-Every error names the argument.
+Every error names the argument. The paired inputs of a loss may differ in floating dtype:
+:func:`loss_dtype` gives the dtype both are cast to before the op.
 """
 from __future__ import annotations
 
@@ -39,6 +40,39 @@ def integer(x, name: str) -> torch.Tensor:
 def same_dtype(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
     if x.dtype != ref.dtype:
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def loss_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype a loss over its paired floating inputs ``xs`` (expert and base, student and
+    teacher, ...) computes and returns in, as torch's own losses decide it: the dtypes promoted as
+    a binary op promotes them (:func:`torch.promote_types`: bfloat16 with float32 gives float32);
+    under autocast for their device, float32 (float64 stays), the policy autocast gives
+    ``mse_loss`` and ``cross_entropy``. Metadata only, so static under torch.compile."""
+    dt = xs[0].dtype
+    for x in xs[1:]:
+        if x.dtype != dt:
+            dt = torch.promote_types(dt, x.dtype)
+    if dt != torch.float64 and _autocast_on(xs[0].device.type):
+        dt = torch.float32
+    return dt
+
+
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` without the call's cost when the dtype already matches (the common case)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def autocast_aux(x):
+    """An auxiliary floating input (weights, importance) as autocast would hand it to the op:
+    float32 under autocast for its device (float64 stays), else unchanged. Its dtype never sets
+    the loss's: the kernels convert it to the accumulation dtype or wider."""
+    if x is not None and x.dtype not in (torch.float32, torch.float64) and _autocast_on(x.device.type):
+        return x.to(torch.float32)
+    return x
 
 
 def same_device(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
@@ -131,7 +165,6 @@ def check_labels(labels, offset, length, ignore_index: int) -> None:
 def stability_args(expert, base, weights, red) -> None:
     floating(expert, "expert")
     floating(base, "base")
-    same_dtype(base, expert, "base", "expert")
     same_device(base, expert, "base", "expert")
     if expert.dim() < 1:
         raise ValueError("expert must have shape [K, ...], got a scalar")
@@ -143,7 +176,6 @@ def stability_args(expert, base, weights, red) -> None:
 def weight_stability_args(expert_params, base_params, importance, weights, red) -> None:
     floating(expert_params, "expert_params")
     floating(base_params, "base_params")
-    same_dtype(base_params, expert_params, "base_params", "expert_params")
     same_device(base_params, expert_params, "base_params", "expert_params")
     if expert_params.dim() != 2:
         raise ValueError(f"expert_params must have shape [K, P], got {list(expert_params.shape)}")
@@ -160,7 +192,6 @@ def weight_stability_args(expert_params, base_params, importance, weights, red) 
 def distillation_args(student, teacher, expert_ids, num_experts, weights, red) -> int:
     floating(student, "student")
     floating(teacher, "teacher")
-    same_dtype(teacher, student, "teacher", "student")
     same_device(teacher, student, "teacher", "student")
     if student.dim() < 1:
         raise ValueError("student must have shape [N, ...], got a scalar")
@@ -197,7 +228,6 @@ def cross_entropy_args(logits, labels, task_offset, task_len, red, ignore_index)
 def kd_args(student_logits, teacher_logits, task_offset, task_len, tau, red):
     masked_logits_args(student_logits, "student_logits")
     floating(teacher_logits, "teacher_logits")
-    same_dtype(teacher_logits, student_logits, "teacher_logits", "student_logits")
     same_device(teacher_logits, student_logits, "teacher_logits", "student_logits")
     shape(teacher_logits, student_logits.shape, "teacher_logits")
     n = student_logits.shape[0]

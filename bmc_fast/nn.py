@@ -1,4 +1,6 @@
-"""nn.Module wrappers of the bmc_fast losses. They hold configuration only and call the functions."""
+"""nn.Module wrappers of the bmc_fast losses. They hold configuration only and call the functions,
+so mixed dtypes promote and autocast computes in float32 as there; a ``weights`` or ``importance``
+buffer of another floating dtype (e.g. float32 in a bfloat16 model) does not change the loss's."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,7 @@
 """Pure-PyTorch references of every bmc_fast loss: the same signatures and semantics as the
-fused ops, computed in float32 (float64 for float64 inputs) and returned in the input's dtype.
+fused ops, computed in float32 (float64 for float64 inputs) and returned in the loss dtype:
+paired inputs of mixed dtypes promoted as torch promotes them, float32 under autocast
+(:func:`bmc_fast._validate.loss_dtype`).
 
 They are the test oracle and the ``eager`` baseline of the benchmarks, and run when the compiled
 extension is missing. Written for clarity, not speed.
@@ -49,6 +51,8 @@ def stability_loss(expert, base, weights=None, reduction="sum"):
     v.stability_args(expert, base, weights, reduction)
     if _eager():
         v.check_finite_weights(weights)
+    dt = v.loss_dtype(expert, base)
+    expert, base = v.cast(expert, dt), v.cast(base, dt)
     acc = _acc(expert)
     k = expert.shape[0]
     d = (expert.to(acc) - base.to(acc)).reshape(k, expert[0].numel() if k else 0)
@@ -64,6 +68,8 @@ def weight_stability_loss(expert_params, base_params, importance=None, weights=N
         v.check_importance(importance)
     if _eager():
         v.check_finite_weights(weights)
+    dt = v.loss_dtype(expert_params, base_params)
+    expert_params, base_params = v.cast(expert_params, dt), v.cast(base_params, dt)
     acc = _acc(expert_params)
     sq = (expert_params.to(acc) - base_params.to(acc)).pow(2)
     if importance is not None:
@@ -80,6 +86,8 @@ def batched_distillation_loss(student, teacher, expert_ids, num_experts, weights
         v.check_ids(expert_ids, e)
     if _eager():
         v.check_finite_weights(weights)
+    dt = v.loss_dtype(student, teacher)
+    student, teacher = v.cast(student, dt), v.cast(teacher, dt)
     acc = _acc(student)
     n = student.shape[0]
     row = (student.to(acc) - teacher.to(acc)).pow(2).reshape(n, student[0].numel() if n else 0)
@@ -109,6 +117,7 @@ def task_masked_cross_entropy(logits, labels, task_offset, task_len, reduction="
         v.check_ranges(off, ln, logits.shape[1])
     if _eager():
         v.check_labels(labels, off, ln, ignore_index)
+    logits = v.cast(logits, v.loss_dtype(logits))
     logp, _ = masked_log_softmax(logits, off, ln)
     keep = labels != ignore_index
     safe = torch.where(keep, labels.long(), off.long())
@@ -127,6 +136,8 @@ def task_masked_kd_loss(student_logits, teacher_logits, task_offset, task_len, t
     off, ln = v.kd_args(student_logits, teacher_logits, task_offset, task_len, temperature, reduction)
     if _eager():
         v.check_ranges(off, ln, student_logits.shape[1])
+    dt = v.loss_dtype(student_logits, teacher_logits)
+    student_logits, teacher_logits = v.cast(student_logits, dt), v.cast(teacher_logits, dt)
     ls, mask = masked_log_softmax(student_logits, off, ln, temperature)
     lt, _ = masked_log_softmax(teacher_logits, off, ln, temperature)
     pt = lt.exp()

@@ -1,9 +1,12 @@
 """CUDA-only checks (skipped without a GPU): CPU/CUDA agreement, run-twice bitwise equality of
-every reduction, a non-default device and stream, and CUDA-graph capture via reduce-overhead."""
+every reduction, a non-default device and stream, CUDA-graph capture via reduce-overhead, and
+float16 autocast training steps."""
 import pytest
 import torch
 
 import bmc_fast
+from _amp import CASES, close_low_precision, setup, step
+from _checks import close
 from _masked import labels_in, ranges
 
 pytestmark = pytest.mark.cuda
@@ -124,3 +127,51 @@ def test_trainer_building_blocks_on_cuda_run_their_reference():
     adamw_step(pg, [t.cuda() for t in grads], mg, vg, lr=1e-2, weight_decay=0.01, step=1)
     for a, c in zip(pg, p):
         torch.testing.assert_close(a.cpu(), c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_autocast_float16_step(name):
+    # float16 features from a Linear under CUDA autocast, float32 stored targets: the loss is
+    # computed in float32 and the gradients come back in each input's dtype.
+    loss, f, lin, t = step(name, bmc_fast, "cuda", torch.float16)
+    ref = step(name, bmc_fast.reference, "cuda", torch.float16)
+    full = step(name, bmc_fast.reference, "cuda")
+    assert f.dtype == torch.float16 and loss.dtype == torch.float32
+    assert f.grad.dtype == torch.float16 and lin.weight.grad.dtype == torch.float32
+    close(loss, ref[0], torch.float32, "loss vs reference under autocast")
+    close(f.grad, ref[1].grad, torch.float16, "feature grad vs reference under autocast")
+    close_low_precision(loss, full[0], "loss vs float32 step")
+    close_low_precision(lin.weight.grad, full[2].weight.grad, "weight grad vs float32 step")
+    if t is not None:
+        assert t.grad.dtype == torch.float32
+        close_low_precision(t.grad, full[3].grad, "target grad vs float32 step")
+
+
+@pytest.mark.parametrize("name", ["stability_loss", "batched_distillation_loss", "task_masked_kd_loss"])
+def test_cuda_autocast_float16_compile(name):
+    lin, x, t, loss_fn = setup(name, "cuda")
+    fn = torch.compile(lambda x, t: loss_fn(bmc_fast, lin(x), t), fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = fn(x, t)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    expected, _, lin_e, _ = step(name, bmc_fast, "cuda", torch.float16)
+    close(loss.detach(), expected, torch.float32)
+    close(lin.weight.grad, lin_e.weight.grad, torch.float16)
+
+
+def test_cuda_raw_op_autocast_rule():
+    if not hasattr(torch.library, "register_autocast"):
+        pytest.skip("torch.library.register_autocast needs torch >= 2.7")
+    s = torch.randn(32, 24, device="cuda", dtype=torch.float16, requires_grad=True)
+    t = torch.randn(32, 24, device="cuda")
+    ids = torch.zeros(32, dtype=torch.long, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = torch.ops.bmc_fast.batched_distillation_loss.default(s, t, ids, 1, None, "sum", True)
+    assert out[0].dtype == torch.float32
+    (g,) = torch.autograd.grad(out[0], s)
+    assert g.dtype == torch.float16
+    close(out[0], bmc_fast.reference.batched_distillation_loss(s.detach().float(), t, ids, 1), torch.float32)
+    # CPU tensors are not autocast by a CUDA autocast region, as for torch's ops.
+    with torch.autocast("cuda", dtype=torch.float16):
+        assert bmc_fast.task_masked_cross_entropy(s.detach().cpu(), ids.cpu(), 0, 24).dtype == torch.float16

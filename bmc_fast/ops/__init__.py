@@ -31,6 +31,15 @@ if _ext.HAVE_EXTENSION:
         torch.library.register_autograd(_op, _backward, setup_context=_setup)
     for _op, _fake in (_bn.BACKWARD_FAKE, _mlp.BACKWARD_FAKE, _adam.FAKE):
         torch.library.register_fake(_op)(_fake)
+    # The losses run in float32 under autocast, as torch's own losses do. The public functions
+    # cast their inputs themselves (bmc_fast._validate.loss_dtype), on every path; this rule makes
+    # direct torch.ops.bmc_fast calls, eager or traced by torch.compile, do the same. Like autocast,
+    # it leaves float64 and integer tensors as they are. torch.library.register_autocast needs
+    # torch >= 2.7; on older torch only the public functions autocast.
+    if hasattr(torch.library, "register_autocast"):
+        for _op in (_sl.OP, _wsl.OP, _bdl.OP, _ce.OP, _kd.OP):
+            for _device in ("cpu", "cuda"):
+                torch.library.register_autocast(_op, _device, torch.float32)
 
 __all__ = [
     "stability_loss",

@@ -59,13 +59,20 @@ def blend_running_stats(running_means, running_vars, means, variances, momentum:
                              float(momentum))
 
 
+_AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
+
+
 def light_call(registration):
     """The op of ``registration`` (name, fake, backward, setup_context) as a function that, in
     eager mode, runs its kernel under a plain :class:`torch.autograd.Function` built from the
     same setup_context/backward. torch.library's generic autograd wrapper costs ~70 us a call
     (argument flattening in Python, also when nothing needs a gradient), more than the kernels
     at small sizes. Under torch.compile or a functorch transform the registered op (fake kernel,
-    registered autograd) runs as before."""
+    registered autograd) runs as before.
+
+    The callers (the public losses) have already applied autocast to the inputs, inside the
+    autograd graph, so the eager calls also skip the op's autocast rule (a Python kernel)."""
     name, _fake, backward, setup_context = registration
     short = name.split("::")[1]
 
@@ -75,7 +82,7 @@ def light_call(registration):
     class _Fn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            with torch._C._AutoDispatchBelowAutograd():
+            with torch._C._AutoDispatchBelowAutograd(), torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
                 out = op(*inputs)
             setup_context(ctx, inputs, out)
             return out
@@ -91,7 +98,8 @@ def light_call(registration):
             return op(*inputs)
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
             return _Fn.apply(*inputs)
-        with torch._C._AutoDispatchBelowAutograd():  # nothing to record: straight to the kernel
+        # nothing to record: straight to the kernel
+        with torch._C._AutoDispatchBelowAutograd(), torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
             return op(*inputs)
 
     return call

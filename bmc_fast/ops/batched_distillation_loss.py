@@ -19,7 +19,7 @@ def batched_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, expe
 
     Args:
         student: ``[N, ...]`` e.g. the base model's features on a memory minibatch.
-        teacher: same shape and dtype: the stored targets of the experts that made the samples.
+        teacher: same shape: the stored targets of the experts that made the samples.
         expert_ids: int32/int64 ``[N]`` in ``[0, num_experts)``; need not be sorted.
         num_experts: number of experts (fixes the output shape; never inferred from the data).
         weights: optional ``[num_experts]`` per-expert weights.
@@ -27,10 +27,16 @@ def batched_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, expe
             least one sample; 0 if none) or ``"none"`` (``[num_experts]``).
 
     An expert with no sample contributes 0. The per-expert reduction has a fixed order, so the
-    result has the same bits on every run and for any thread count. First-order differentiable
-    in ``student``, ``teacher`` and ``weights``.
+    result has the same bits on every run and for any thread count. Mixed dtypes of ``student``
+    and ``teacher`` promote as in ``student - teacher`` (bfloat16 features with stored float32
+    targets give a float32 loss); under autocast the loss computes in float32. First-order
+    differentiable in ``student``, ``teacher`` and ``weights``; each gradient has its input's dtype.
     """
     _validate.distillation_args(student, teacher, expert_ids, num_experts, weights, reduction)
+    # Cast inside the autograd graph: the casts' backward returns each gradient in its input's dtype.
+    dt = _validate.loss_dtype(student, teacher)
+    student, teacher = _validate.cast(student, dt), _validate.cast(teacher, dt)
+    weights = _validate.autocast_aux(weights)
     if not _ext.use_kernel("batched_distillation_loss", student):
         return reference.batched_distillation_loss(student, teacher, expert_ids, num_experts, weights, reduction)
     compute_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)

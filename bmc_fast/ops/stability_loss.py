@@ -18,15 +18,22 @@ def stability_loss(expert: torch.Tensor, base: torch.Tensor, weights: torch.Tens
     Args:
         expert: ``[K, ...]`` float32/float16/bfloat16/float64, e.g. the K experts' features
             ``[K, B, D]``.
-        base: same shape and dtype as ``expert`` (e.g. the frozen base model's features on the
-            same batch, repeated or expanded over K).
-        weights: optional ``[K]`` per-expert weights (finite).
+        base: same shape as ``expert`` (e.g. the frozen base model's features on the same
+            batch, repeated or expanded over K).
+        weights: optional ``[K]`` per-expert weights (finite, any floating dtype).
         reduction: ``"sum"`` (default) over experts, ``"mean"`` over experts, or ``"none"`` (``[K]``).
 
-    Returns the loss in ``expert``'s dtype, accumulated in float32. Differentiable in ``expert``,
-    ``base`` and ``weights`` (first order only: the gradient is computed in the forward pass).
+    Mixed dtypes of ``expert`` and ``base`` promote as in ``expert - base``; under autocast the
+    loss computes in float32. Returns the loss in that dtype, accumulated in float32 (float64
+    for float64). Differentiable in ``expert``, ``base`` and ``weights`` (first order only: the
+    gradient is computed in the forward pass); each gradient has its input's dtype.
     """
     _validate.stability_args(expert, base, weights, reduction)
+    # Cast here, inside the autograd graph, so the casts' backward returns each gradient in its
+    # input's dtype; the op itself takes one dtype.
+    dt = _validate.loss_dtype(expert, base)
+    expert, base = _validate.cast(expert, dt), _validate.cast(base, dt)
+    weights = _validate.autocast_aux(weights)
     if not _ext.use_kernel("stability_loss", expert):
         return reference.stability_loss(expert, base, weights, reduction)
     compute_grad = torch.is_grad_enabled() and (expert.requires_grad or base.requires_grad)

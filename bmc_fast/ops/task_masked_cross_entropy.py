@@ -25,9 +25,13 @@ def task_masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, task_o
         ignore_index: rows with this label give 0.
 
     The logits outside a row's range are never read into the softmax and get zero gradient; no
-    masked copy of the logits is made. First-order differentiable in ``logits``.
+    masked copy of the logits is made. Under autocast the loss computes in float32 (as
+    :func:`torch.nn.functional.cross_entropy`); otherwise in the logits' dtype. First-order
+    differentiable in ``logits``; the gradient has the logits' dtype.
     """
     off, ln = _validate.cross_entropy_args(logits, labels, task_offset, task_len, reduction, ignore_index)
+    # Cast inside the autograd graph: the cast's backward returns the gradient in the logits' dtype.
+    logits = _validate.cast(logits, _validate.loss_dtype(logits))
     if not _ext.use_kernel("task_masked_cross_entropy", logits):
         return reference.task_masked_cross_entropy(logits, labels, off, ln, reduction, ignore_index)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad

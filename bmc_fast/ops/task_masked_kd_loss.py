@@ -17,15 +17,20 @@ def task_masked_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tens
               p = \operatorname{softmax}(x_{i, o_i:o_i+l_i} / \tau)
 
     Args:
-        student_logits, teacher_logits: ``[N, C]``, same dtype.
+        student_logits, teacher_logits: ``[N, C]``.
         task_offset, task_len: int ``[N]`` (or Python ints): the range of each row.
         temperature: ``tau > 0``.
         reduction: ``"mean"`` (default, sum over rows / N), ``"sum"`` or ``"none"`` (``[N]``).
 
-    Teacher logits of ``-inf`` are allowed (``0 log 0 = 0``). First-order differentiable in both
-    logits (the teacher's gradient is computed in the backward only when it is needed).
+    Teacher logits of ``-inf`` are allowed (``0 log 0 = 0``). Mixed dtypes of the two logits
+    promote as in their difference; under autocast the loss computes in float32. First-order
+    differentiable in both logits (the teacher's gradient is computed in the backward only when
+    it is needed); each gradient has its input's dtype.
     """
     off, ln = _validate.kd_args(student_logits, teacher_logits, task_offset, task_len, temperature, reduction)
+    # Cast inside the autograd graph: the casts' backward returns each gradient in its input's dtype.
+    dt = _validate.loss_dtype(student_logits, teacher_logits)
+    student_logits, teacher_logits = _validate.cast(student_logits, dt), _validate.cast(teacher_logits, dt)
     if not _ext.use_kernel("task_masked_kd_loss", student_logits):
         return reference.task_masked_kd_loss(student_logits, teacher_logits, off, ln, temperature, reduction)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
@@ -45,7 +50,11 @@ def _task_masked_kd_loss_setup_context(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)  # else autograd allocates zeros of input size for grad
-    ctx.save_for_backward(grad, student_logits, teacher_logits, task_offset, task_len)
+    # Both logits are read only by the teacher's gradient; not saving them otherwise keeps the
+    # (usually frozen) teacher logits and any promoted copies unheld.
+    teacher = ctx.needs_input_grad[1]
+    ctx.save_for_backward(grad, student_logits if teacher else None, teacher_logits if teacher else None,
+                          task_offset, task_len)
 
 
 def _teacher_grad(student_logits, teacher_logits, off, ln, tau, row_factor):

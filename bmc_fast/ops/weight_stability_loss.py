@@ -19,15 +19,22 @@ def weight_stability_loss(expert_params: torch.Tensor, base_params: torch.Tensor
     Args:
         expert_params: ``[K, P]`` flattened parameters of K experts (see
             :func:`bmc_fast.train.experts.flat_params`).
-        base_params: ``[P]`` the base model's parameters, same dtype.
+        base_params: ``[P]`` the base model's parameters.
         importance: optional ``[P]`` non-negative per-parameter importance (e.g. a Fisher
             diagonal); 1 when omitted.
         weights: optional ``[K]`` per-expert weights.
         reduction: ``"sum"`` (default), ``"mean"`` over experts, or ``"none"`` (``[K]``).
 
-    Differentiable in every floating input (first order only).
+    Mixed dtypes of ``expert_params`` and ``base_params`` promote as in their difference; under
+    autocast the loss computes in float32; ``importance`` and ``weights`` may have any floating
+    dtype and do not change the loss's. Differentiable in every floating input (first order
+    only); each gradient has its input's dtype.
     """
     _validate.weight_stability_args(expert_params, base_params, importance, weights, reduction)
+    # Cast inside the autograd graph: the casts' backward returns each gradient in its input's dtype.
+    dt = _validate.loss_dtype(expert_params, base_params)
+    expert_params, base_params = _validate.cast(expert_params, dt), _validate.cast(base_params, dt)
+    importance, weights = _validate.autocast_aux(importance), _validate.autocast_aux(weights)
     if not _ext.use_kernel("weight_stability_loss", expert_params):
         return reference.weight_stability_loss(expert_params, base_params, importance, weights, reduction)
     compute_grad = torch.is_grad_enabled() and (expert_params.requires_grad or base_params.requires_grad)
@@ -50,7 +57,11 @@ def _weight_stability_loss_setup_context(ctx, inputs, output):
     ctx.has_weights = weights is not None
     ctx.mark_non_differentiable(grad, per_expert)
     ctx.set_materialize_grads(False)  # else autograd allocates zeros of input size for grad
-    ctx.save_for_backward(grad, per_expert, expert_params, base_params, importance, weights)
+    # The parameters are read only by the gradients of base_params and importance (the kernel's
+    # gradient covers expert_params); not saving them otherwise keeps promoted copies unheld.
+    recompute = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    ctx.save_for_backward(grad, per_expert, expert_params if recompute else None,
+                          base_params if recompute else None, importance, weights)
 
 
 def _expert_factors(ctx, grad_loss, weights, dtype):
