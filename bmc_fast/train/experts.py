@@ -57,7 +57,7 @@ def expert_batches(n: int, steps: int, batch: int, generator: torch.Generator) -
     """[steps, batch] sample indices into a task of n samples: cycling random permutations."""
     total = steps * batch
     perms = [torch.randperm(n, generator=generator) for _ in range(-(-total // n))]
-    return torch.cat(perms)[:total].view(steps, batch)
+    return torch.cat(perms)[:total].view(steps, batch) if perms else torch.empty(0, batch, dtype=torch.long)
 
 
 def resolve_parallel(mode: str, device) -> str:
