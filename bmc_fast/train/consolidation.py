@@ -93,7 +93,7 @@ def consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_in
     if bar is not None:
         bar.close()
     model.eval()
-    return {"epochs": epochs_run, "best_val_loss": best if val_mem is not None else None, "step": describe(step)}
+    return {"epochs": epochs_run, "best_val_loss": best if val_mem is not None else None, "kind": describe(step)}
 
 
 @torch.no_grad()
