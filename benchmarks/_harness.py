@@ -3,7 +3,8 @@
 Every benchmark case builds its inputs once (``setup``), checks each provider against the eager
 reference, then times the providers round-robin (bmc_fast, eager, compiled, bmc_fast, ...) so that
 drift on a shared machine hits all of them alike. Rows carry the machine, torch version and git
-commit; ``benchmarks/conftest.py`` prints the ratio tables and writes them to JSON/Markdown.
+commit; ``benchmarks/conftest.py`` prints the ratio tables and merges them into the results file
+of this kind of machine (``machine_kind``; ``benchmarks/report.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 ROWS: list[dict] = []
+RUNS: dict[str, list[dict]] = {}  # whole-run results by section ("e2e", "distributed", "autods")
 
 
 def _sync(device):
@@ -35,15 +37,7 @@ def git_commit() -> str:
 def cpu_name() -> str:
     """The CPU's model name, with its family/model numbers and the kernel build bmc_fast runs
     (AVX2 / AVX-512 / default): "AMD EPYC" alone named both a Zen 1 and a Zen 4 machine here."""
-    info = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, val = line.partition(":")
-            info.setdefault(key.strip(), val.strip())
-            if not line.strip():
-                break  # the first processor is enough
-    except OSError:
-        pass
+    info = _cpuinfo()
     name = info.get("model name") or platform.processor() or "unknown"
     extra = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info and "model" in info else []
     try:
@@ -54,6 +48,75 @@ def cpu_name() -> str:
     except Exception:  # noqa: BLE001 - a name for a table; never fail a benchmark over it
         pass
     return f"{name} ({', '.join(extra)})" if extra else name
+
+
+def _cpuinfo() -> dict:
+    info = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, val = line.partition(":")
+            info.setdefault(key.strip(), val.strip())
+            if not line.strip():
+                break
+    except OSError:
+        pass
+    return info
+
+
+def _amd_core(family: int, model: int) -> str | None:
+    """The Zen generation of an AMD family/model (None if unknown)."""
+    if family == 0x17:
+        return "zen1" if model < 0x30 else "zen2"  # Zen and Zen+ below 0x30
+    if family == 0x19:
+        return "zen4" if (0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF) else "zen3"
+    if family == 0x1A:
+        return "zen5"
+    return None
+
+
+def machine_kind(device: str = "cpu") -> str:
+    """The name of this kind of machine, which names its results file: the CPU's core generation
+    and the bmc_fast kernel build it runs ("zen4-avx512", "zen1-avx2"; other CPUs
+    "<vendor>-f<family>m<model>-<build>"), or the GPU's name ("nvidia-h200").
+    ``BMC_BENCH_MACHINE`` overrides it."""
+    forced = os.environ.get("BMC_BENCH_MACHINE")
+    if forced:
+        return forced
+    slug = lambda s: "-".join("".join(c if c.isalnum() else " " for c in s.lower()).split())  # noqa: E731
+    if device == "cuda":
+        return slug(torch.cuda.get_device_name())
+    try:
+        import bmc_fast
+        cap = bmc_fast.backend_info().get("cpu_capability") or "default"
+    except Exception:  # noqa: BLE001 - a file name; never fail a benchmark over it
+        cap = "default"
+    info = _cpuinfo()
+    try:
+        family, model = int(info["cpu family"]), int(info["model"])
+    except (KeyError, ValueError):
+        return slug(f"{platform.machine() or 'cpu'} {cap}")
+    vendor = info.get("vendor_id", "")
+    core = _amd_core(family, model) if vendor == "AuthenticAMD" else None
+    if core is None:
+        name = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(vendor, slug(vendor) or "cpu")
+        core = f"{name}-f{family}m{model}"
+    return f"{core}-{cap}"
+
+
+def machine_facts(machine) -> dict:
+    """What the results file says about the machine (its ``machine`` entry)."""
+    if machine.device == "cuda":
+        return {"gpu": machine.name, "title": machine.name}
+    return {"cpu": machine.name, "cores": os.cpu_count()}
+
+
+def record_run(section: str, run: dict) -> dict:
+    """Keeps one whole-run result (e.g. an end-to-end table) for the results file; a later run
+    with the same device/threads/bench key replaces it there."""
+    run.setdefault("torch", torch.__version__)
+    run.setdefault("commit", git_commit())
+    RUNS.setdefault(section, []).append(run)
+    return run
 
 
 def _time_copy(nbytes: int, threads: int, reps: int = 15, best: bool = False) -> float:
@@ -238,7 +301,7 @@ def time_and_record(benchmark, machine: Machine, op: str, shape: str, dtype: tor
     row = record({
         "op": op, "mode": mode, "dtype": str(dtype).replace("torch.", ""), "shape": shape,
         "device": device, "device_name": machine.name, "threads": machine.threads,
-        "contended": machine.contended,
+        "contended": machine.contended, "copy_gbps": machine.copy_gbps,
         **{f"t_{p}_ms": q[p]["median"] * 1e3 for p in q},
         **{f"t_{p}_p20_ms": q[p]["p20"] * 1e3 for p in q},
         **{f"t_{p}_p80_ms": q[p]["p80"] * 1e3 for p in q},

@@ -1,7 +1,8 @@
 """Ablation on the embedded digits stream: what BMC's stability and distillation terms add.
 
 Small buffers (so the memory cannot replay everything), K = 2 experts, five seeds. Prints a
-Markdown table (mean +- std of final class-IL accuracy and forgetting) for README.md.
+Markdown table (mean +- std of final class-IL accuracy and forgetting), the ablation table of
+benchmarks/RESULTS.md (kept in the results file of the machine it ran on).
 
     python benchmarks/ablation.py [--seeds 0 1 2 3 4] [--buffer 20]
 """

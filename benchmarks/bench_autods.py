@@ -11,6 +11,7 @@ import time
 import numpy as np
 import torch
 
+import _harness
 import shapes
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -72,6 +73,8 @@ def bench_autods_read_throughput(benchmark, machine):
                 f"converted {b:,.0f} samples/s, {b / a:.0f}x")
         print("\n" + line)
         benchmark.extra_info.update({"lmdb_samples_per_s": a, "converted_samples_per_s": b, "ratio": b / a})
+        _harness.record_run("autods", {"device": "cpu", "bench": "read", "read_samples": N, "dim": DIM,
+                                       "lmdb_samples_per_s": a, "converted_samples_per_s": b})
         benchmark.pedantic(lambda: float(load_features(out)[0].x_train.sum()), rounds=3, iterations=1)
         assert b > a
 
@@ -105,5 +108,7 @@ def bench_autods_open_71_tasks(benchmark, machine):
                 f"resident memory +{grown:.1f} MB; peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
         print("\n" + line)
         benchmark.extra_info.update({"open_ms": dt * 1e3, "rss_growth_mb": grown, "size_mb": size_mb})
+        _harness.record_run("autods", {"device": "cpu", "bench": "open", "tasks": TASKS, "open_ms": dt * 1e3,
+                                       "disk_mb": size_mb, "rss_growth_mb": grown})
         benchmark.pedantic(lambda: load_features(out), rounds=3, iterations=1)
         assert len(s) == TASKS and grown < size_mb / 4

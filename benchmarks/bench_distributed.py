@@ -8,8 +8,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 
+import _harness
 import shapes
 
 TASKS, N, D, EPOCHS = (8, 2000, 768, 2) if not shapes.QUICK else (4, 128, 32, 1)
@@ -99,10 +99,15 @@ def bench_distributed_stream(benchmark, machine):
               f"{one['wall_s'] / two['wall_s']:.2f}x",
               f"projection, 71 tasks, K = 8 on 8 GPUs (same phase-time ratio, 10 GB/s for artifacts): "
               f"{serial / parallel:.1f}x faster than the 8 experts of each step one after another on one GPU"]
-    text = "\n".join(lines)
-    print("\n" + text)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "out"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "out", f"distributed-{time.strftime('%Y%m%d-%H%M%S')}.md"), "w") as f:
-        f.write(text + "\n")
+    print("\n" + "\n".join(lines))
+    _harness.record_run("distributed", {
+        "device": "cpu", "threads_per_process": 1,
+        "setting": f"full stream: {TASKS} tasks x {N} samples x {D}-D, K = 4, {EPOCHS} expert epochs, "
+                   "1 consolidation epoch; gloo on loopback",
+        "rows": [{"processes": w, "wall_s": r["wall_s"], **{k: r["timings"][k] for k in
+                  ("experts_s", "gather_s", "consolidation_s")}, "final_cil": r["final_cil"]}
+                 for w, r in ((1, one), (2, two))],
+        "expert_task_s": t_expert_task, "consolidation_step_s": t_cons, "artifact_mb": art / 2**20,
+        "speedup_2_processes": one["wall_s"] / two["wall_s"], "projection_71_tasks_8_gpus": serial / parallel})
     benchmark.extra_info.update({"one": one, "two": two, "projection_speedup": serial / parallel})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

@@ -20,7 +20,7 @@ Variants, timed round-robin, each a (experts, losses, backbone, optimizer) choic
   AdamW (bmc_fast before the fused backbone);
 * ``sequential``: sequential experts with every fused piece (what stacking adds on top).
 
-Writes a table to benchmarks/out/e2e-*.md and the rows to the pytest-benchmark JSON.
+Prints a table and keeps the rows for this machine kind's results file (benchmarks/conftest.py).
 """
 import contextlib
 import os
@@ -37,6 +37,7 @@ from bmc_fast.data import Task, TaskStream
 from bmc_fast.train.experts import train_experts
 from bmc_fast.train.memory import Memory
 from bmc_fast.backbone import ResMLP
+import _harness
 import shapes
 
 K, N, D, C_PER_TASK = (4, 10_000, 768, 10) if not shapes.QUICK else (2, 256, 32, 4)
@@ -185,40 +186,44 @@ def _one_call(o: dict) -> bool:
 
 def _report(benchmark, machine, variants, med, floors=None):
     base = med["authors"]
-    lines = [f"one incremental step: K={K}, ResMLP, {D}-D inputs, {N} samples/task, 1 expert epoch, "
-             f"1 consolidation epoch over {K * N} samples; {machine.name}"
-             + (f", {machine.threads} thread(s)" if machine.device == "cpu" else "")
+    setting = (f"one incremental step: K={K}, ResMLP, {D}-D inputs, {N} samples/task, 1 expert epoch, "
+               f"1 consolidation epoch over {K * N} samples")
+    rows = []
+    for v, m in med.items():
+        o = variants[v]
+        rows.append({"variant": v, "experts": o["parallel"], "losses": o["losses"],
+                     "backbone": "fused" if o.get("fused_backbone", True) else "nn.Module",
+                     "adamw": "fused" if o.get("fused_optimizer", True) else "default",
+                     "step": "one call" if machine.device == "cpu" and _one_call(o) else "autograd",
+                     "base_features": "per step" if o.get("base_feature_table_mb", 1) == 0 else "table",
+                     **{k: m[k] for k in ("experts_s", "consolidation_s", "total_s", "paired_speedup")}})
+    for name, floor in (floors or {}).items():
+        rows.append({"variant": name, **{k: floor[k] for k in ("experts_s", "consolidation_s", "total_s")}})
+    for r in rows:
+        r.update(speedup=base["total_s"] / r["total_s"], speedup_experts=base["experts_s"] / r["experts_s"],
+                 speedup_consolidation=base["consolidation_s"] / r["consolidation_s"])
+    lines = [f"{setting}; {machine.name}" + (f", {machine.threads} thread(s)" if machine.device == "cpu" else "")
              + (f" ({machine.note})" if machine.note else "") + f"; medians of {REPS} interleaved runs", "",
              "| variant | experts | losses | backbone | AdamW | step | base features | experts s | consolidation s "
              "| total s | speed-up vs authors (experts, consolidation) | paired speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for v, m in med.items():
-        o = variants[v]
-        lines.append(f"| {v} | {o['parallel']} | {o['losses']} "
-                     f"| {'fused' if o.get('fused_backbone', True) else 'nn.Module'} "
-                     f"| {'fused' if o.get('fused_optimizer', True) else 'default'} "
-                     f"| {'one call' if machine.device == 'cpu' and _one_call(o) else 'autograd'} "
-                     f"| {'per step' if o.get('base_feature_table_mb', 1) == 0 else 'table'} | {m['experts_s']:.2f} "
-                     f"| {m['consolidation_s']:.2f} | {m['total_s']:.2f} | {base['total_s'] / m['total_s']:.2f} "
-                     f"({base['experts_s'] / m['experts_s']:.2f}, "
-                     f"{base['consolidation_s'] / m['consolidation_s']:.2f}) | {m['paired_speedup']:.2f} |")
-    for name, floor in (floors or {}).items():
-        lines.append(f"| {name} | | | | | | | {floor['experts_s']:.2f} | {floor['consolidation_s']:.2f} "
-                     f"| {floor['total_s']:.2f} | {base['total_s'] / floor['total_s']:.2f} "
-                     f"({base['experts_s'] / floor['experts_s']:.2f}, "
-                     f"{base['consolidation_s'] / floor['consolidation_s']:.2f}) | |")
+    for r in rows:
+        cols = " | ".join(r.get(k, "") for k in ("experts", "losses", "backbone", "adamw", "step", "base_features"))
+        paired = f"{r['paired_speedup']:.2f}" if "paired_speedup" in r else ""
+        lines.append(f"| {r['variant']} | {cols} | {r['experts_s']:.2f} | {r['consolidation_s']:.2f} | {r['total_s']:.2f} "
+                     f"| {r['speedup']:.2f} ({r['speedup_experts']:.2f}, {r['speedup_consolidation']:.2f}) | {paired} |")
     if floors:
         lines += ["", "paired speed-up: the median over rounds of authors' total time / the variant's in the "
                   "same round.", "", "matmul floor: only the step's float32 matrix products (forward and backward of every "
                   "expert step with the K experts' rows as one matrix, the base features, the buffers, the "
                   "consolidation steps), timed alone, with MKL's products (`torch.mm`, what the authors' script uses) "
                   "and with oneDNN's: the speed-up no float32 implementation with those products can pass here."]
-    text = "\n".join(lines)
-    print("\n" + text)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "out"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "out",
-                           f"e2e-{machine.device}-{time.strftime('%Y%m%d-%H%M%S')}.md"), "w") as f:
-        f.write(text + "\n")
+    print("\n" + "\n".join(lines))
+    run = {"device": machine.device, "threads": machine.threads if machine.device == "cpu" else None,
+           "rounds": REPS, "setting": setting, "rows": rows}
+    if machine.note:
+        run["note"] = machine.note
+    _harness.record_run("e2e", run)
     benchmark.extra_info.update({**med, "matmul_floors": floors})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     assert all(m["total_s"] > 0 for m in med.values())

@@ -1,16 +1,22 @@
-"""Session set-up of the benchmarks: probe the machine once, print and save the ratio tables."""
-import json
+"""Session set-up of the benchmarks: probe the machine once, print the ratio tables, and merge
+the figures into this machine kind's results file (benchmarks/report.py renders RESULTS.md).
+
+Where the figures go: ``BMC_BENCH_RESULTS=DIR`` if set; else benchmarks/results/ (and
+benchmarks/RESULTS.md is re-rendered), except for quick smoke runs (``BMC_BENCH_QUICK=1``),
+whose figures mean nothing and go to benchmarks/out/ (with an out/RESULTS.md to look at).
+"""
 import os
 import sys
-import time
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _harness  # noqa: E402
+import report  # noqa: E402
 
-OUT = os.path.join(os.path.dirname(__file__), "out")
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "out")
 _MACHINES = {}
 
 
@@ -39,25 +45,31 @@ def _table(rows):
     return "\n".join(lines)
 
 
+def results_dir() -> str:
+    forced = os.environ.get("BMC_BENCH_RESULTS")
+    if forced:
+        return os.path.abspath(forced)
+    return OUT if os.environ.get("BMC_BENCH_QUICK", "") not in ("", "0") else report.RESULTS_DIR
+
+
 def pytest_terminal_summary(terminalreporter):
-    rows = _harness.ROWS
-    if not rows:
+    rows, runs = _harness.ROWS, _harness.RUNS
+    if not rows and not runs:
         return
-    os.makedirs(OUT, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    machines = {d: vars(m) for d, m in _MACHINES.items()}
-    meta = {"torch": torch.__version__, "commit": _harness.git_commit(), "machines": machines,
-            "quick": os.environ.get("BMC_BENCH_QUICK", "")}
-    path = os.path.join(OUT, f"bench-{stamp}")
-    with open(path + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    md = [f"torch {meta['torch']}, commit {meta['commit']}"]
-    for d, m in machines.items():
-        md.append(f"{d}: {m['name']}, {m['threads']} thread(s), copy bandwidth {m['copy_gbps']:.1f} GB/s"
-                  + (f" — {m['note']}" if m["note"] else ""))
-    md.append("")
-    md.append(_table(rows))
-    with open(path + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
-    terminalreporter.write_line("\n".join(md))
-    terminalreporter.write_line(f"saved {path}.json and {path}.md")
+    if rows:
+        terminalreporter.write_line(f"torch {torch.__version__}, commit {_harness.git_commit()}")
+        for d, m in _MACHINES.items():
+            terminalreporter.write_line(f"{d}: {m.name}, {m.threads} thread(s), copy bandwidth {m.copy_gbps:.1f} GB/s"
+                                        + (f" — {m.note}" if m.note else ""))
+        terminalreporter.write_line(_table(rows))
+    where = results_dir()
+    devices = {r.get("device", "cpu") for r in rows} | {e.get("device", "cpu") for es in runs.values() for e in es}
+    for device in sorted(devices):
+        machine = machine_for(device)
+        path = report.update(
+            where, _harness.machine_kind(device), _harness.machine_facts(machine),
+            [r for r in rows if r.get("device", "cpu") == device],
+            {s: [e for e in es if e.get("device", "cpu") == device] for s, es in runs.items()})
+        terminalreporter.write_line(f"results merged into {path}")
+    md = report.write(where, report.RESULTS_MD if where == report.RESULTS_DIR else os.path.join(where, "RESULTS.md"))
+    terminalreporter.write_line(f"rendered {md}")

@@ -1,37 +1,289 @@
-"""Turns a saved kernel-benchmark JSON (benchmarks/out/bench-*.json) into the Markdown tables of
-RESULTS.md: the fwd+bwd rows with targets marked, and a count of rows meeting them.
+"""The benchmark results: one JSON file per machine kind in benchmarks/results/, and
+benchmarks/RESULTS.md rendered from them.
 
-    python benchmarks/report.py benchmarks/out/bench-YYYYmmdd-HHMMSS.json [--eager 3 --compile 1.3]
+A results file holds the current figures of one kind of machine (``zen4-avx512.json``,
+``nvidia-h200.json``, ...): ``machine`` (what it is), ``kernels`` (one row per op, mode, dtype,
+shape and thread count, as ``_harness.time_and_record`` makes them) and sections of whole runs
+(``e2e``, ``distributed``, ``autods``, ``ablation``). A new benchmark run replaces the rows and
+runs with the same key and keeps the others, so each file always holds the latest figure of
+every case; git keeps the older ones. Every row and run carries the commit and torch it was
+measured with.
+
+    python benchmarks/report.py            # rewrite benchmarks/RESULTS.md from benchmarks/results/
+    python benchmarks/report.py --check    # exit 1 if RESULTS.md is not what the files give
+    python benchmarks/report.py --file benchmarks/results/zen4-avx512.json   # one machine, to stdout
+
+No torch import: this module only reads and writes JSON and Markdown.
 """
+from __future__ import annotations
+
 import argparse
+import glob
 import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+
+KERNEL_KEY = ("device", "threads", "op", "mode", "dtype", "shape")
+RUN_KEY = ("device", "threads", "threads_per_process", "bench")  # those of them a run has
+LOSS_OPS = ("stability_loss", "weight_stability_loss", "batched_distillation_loss", "task_masked_cross_entropy",
+            "task_masked_kd_loss")
+TARGETS = (3.0, 1.3)  # the loss kernels' goals: x eager, x torch.compile (fwd+bwd)
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("path")
-    p.add_argument("--eager", type=float, default=3.0)
-    p.add_argument("--compile", type=float, default=1.3)
-    p.add_argument("--mode", default="fwd+bwd")
-    a = p.parse_args()
-    with open(a.path) as f:
-        d = json.load(f)
-    rows = [r for r in d["rows"] if r["mode"] == a.mode]
-    print(f"| op | shape | dtype | {a.mode} ms (bmc / eager / compiled) | x eager | x compile | % copy BW "
-          "| peak MB bmc / eager / compiled |")
-    print("|---|---|---|---|---|---|---|---|")
-    ok = 0
+# ---- the files ------------------------------------------------------------------------------------
+
+def load(path: str) -> dict:
+    if not os.path.exists(path):
+        return {"machine": {}, "kernels": []}
+    with open(path) as f:
+        return json.load(f)
+
+
+def save(path: str, doc: dict) -> None:
+    """Writes ``doc`` through a temporary file and a rename (a killed run leaves the old file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _natural(s: str) -> list:
+    """"K=4,B=64" before "K=4,B=256": numbers compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s)]
+
+
+def _key(row: dict, fields) -> tuple:
+    return tuple((k, row.get(k)) for k in fields if k in row)
+
+
+def merge(doc: dict, machine: dict, kernels: list, runs: dict) -> dict:
+    """``doc`` with ``machine``'s facts, ``kernels`` rows and ``runs`` ({section: [run]})
+    replacing those with the same key; rows and runs of other cases stay."""
+    doc = dict(doc)
+    doc["machine"] = {**doc.get("machine", {}), **{k: v for k, v in machine.items() if v is not None}}
+    new = {_key(r, KERNEL_KEY): r for r in kernels}
+    kept = [r for r in doc.get("kernels", []) if _key(r, KERNEL_KEY) not in new]
+    doc["kernels"] = kept + list(new.values())
+    for section, entries in runs.items():
+        new = {_key(e, RUN_KEY): e for e in entries}
+        doc[section] = [e for e in doc.get(section, []) if _key(e, RUN_KEY) not in new] + list(new.values())
+    return doc
+
+
+def update(results_dir: str, kind: str, machine: dict, kernels: list, runs: dict) -> str:
+    """Merges a run's figures into ``results_dir/<kind>.json``; returns the path."""
+    path = os.path.join(results_dir, f"{kind}.json")
+    save(path, merge(load(path), {"kind": kind, **machine}, kernels, runs))
+    return path
+
+
+# ---- Markdown -------------------------------------------------------------------------------------
+
+HEADER = """# Benchmark results
+
+The current figures for each kind of machine, rendered by `python benchmarks/report.py` from
+the files in [`results/`](results/) (one JSON file per machine kind, every row with the commit and
+torch it was measured with). `make bench` updates the file of the machine it runs on and this page.
+What the figures mean and why bmc_fast is fast: [`docs/performance.md`](../docs/performance.md).
+
+How the kernels are timed (`benchmarks/_harness.py`): providers `bmc_fast`, `eager`
+(`bmc_fast.reference`, plain PyTorch) and `compiled` (`torch.compile(reference, fullgraph=True)`,
+compiled afresh per case, compile time kept out of the timings) run round-robin in one process;
+every provider is checked against eager first. Times are medians (p20/p80 are in the JSON).
+`% copy BW` is the bytes an ideal kernel must move over the median time, as a fraction of the
+machine's measured copy bandwidth (a read-only `fwd` can pass 100%). Peak MB is the memory a call
+allocates beyond its inputs. Compare ratios, not seconds, across runs: the machines are shared.
+"""
+
+
+def _f(v, fmt="{:.2f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def _ms(v):
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}")
+
+
+def _kernel_table(rows: list) -> list:
+    extra = sorted({k[2:-3] for r in rows for k in r if k.startswith("t_") and k.endswith("_ms")
+                    and not k.endswith(("_p20_ms", "_p80_ms"))} - {"bmc_fast", "eager", "compiled"})
+    head = ("| op | mode | dtype | shape | ms bmc_fast / eager / compiled | x eager | x compile | % copy BW "
+            "| peak MB bmc_fast / eager / compiled |" + "".join(f" {p} ms |" for p in extra) + " commit |")
+    out = [head, "|" + "---|" * (10 + len(extra))]
     for r in rows:
-        good = r["speedup_vs_eager"] >= a.eager and r["speedup_vs_compile"] >= a.compile
-        ok += good
-        mem = " / ".join("-" if r.get(f"mem_{q}_mb") is None else f"{r[f'mem_{q}_mb']:.0f}"
-                         for q in ("bmc_fast", "eager", "compiled"))
-        print(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['t_bmc_fast_ms']:.2f} / {r['t_eager_ms']:.2f} / "
-              f"{r['t_compiled_ms']:.2f} | {r['speedup_vs_eager']:.1f} | {r['speedup_vs_compile']:.2f}"
-              f"{'' if good else ' ✗'} | {100 * r['bw_fraction']:.0f} | {mem} |")
-    print(f"\n{ok} of {len(rows)} {a.mode} rows meet both targets ({a.eager}x eager, {a.compile}x torch.compile); "
-          f"{sum(r['speedup_vs_eager'] > 1 for r in rows)} beat eager.")
+        mem = " / ".join(_f(r.get(f"mem_{p}_mb"), "{:.0f}") for p in ("bmc_fast", "eager", "compiled"))
+        bw = r.get("bw_fraction")
+        out.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['shape']} | {_ms(r['t_bmc_fast_ms'])} / "
+                   f"{_ms(r['t_eager_ms'])} / {_ms(r['t_compiled_ms'])} | {r['speedup_vs_eager']:.2f} | "
+                   f"{r['speedup_vs_compile']:.2f} | {_f(None if bw is None else 100 * bw, '{:.0f}')} | {mem} |"
+                   + "".join(f" {_ms(r.get(f't_{p}_ms'))} |" for p in extra) + f" {r.get('commit', '-')} |")
+    return out
+
+
+def _kernels(doc: dict) -> list:
+    rows = doc.get("kernels", [])
+    if not rows:
+        return []
+    out = []
+    groups = sorted({(r.get("device", "cpu"), r.get("threads")) for r in rows}, key=lambda g: (g[0], -(g[1] or 0)))
+    for device, threads in groups:
+        sel = [r for r in rows if r.get("device", "cpu") == device and r.get("threads") == threads]
+        sel.sort(key=lambda r: (r["op"], _natural(r["shape"]), r["dtype"] != "float32", r["dtype"], r["mode"] != "fwd"))
+        gb = sorted({round(r["copy_gbps"], 1) for r in sel if r.get("copy_gbps")})
+        where = f"{device}" + (f", {threads} thread(s)" if device == "cpu" else "")
+        out += ["", f"### Kernels ({where})", ""]
+        if gb:
+            out += [f"Copy bandwidth when measured: {', '.join(f'{g:g}' for g in gb)} GB/s.", ""]
+        out += _kernel_table(sel)
+        loss = [r for r in sel if r["op"] in LOSS_OPS and r["mode"] == "fwd+bwd"]
+        if loss:
+            ok = sum(r["speedup_vs_eager"] >= TARGETS[0] and r["speedup_vs_compile"] >= TARGETS[1] for r in loss)
+            beat = sum(r["speedup_vs_eager"] > 1 and r["speedup_vs_compile"] > 1 for r in loss)
+            out += ["", f"Loss ops, fwd+bwd: {ok} of {len(loss)} rows are at least {TARGETS[0]:g}x eager and "
+                        f"{TARGETS[1]:g}x torch.compile; {beat} beat both."]
+    return out
+
+
+def _e2e(doc: dict) -> list:
+    out = []
+    for run in sorted(doc.get("e2e", []), key=lambda e: (e.get("device", "cpu"), -(e.get("threads") or 0))):
+        where = run.get("device", "cpu") + (f", {run['threads']} thread(s)" if run.get("threads") else "")
+        out += ["", f"### One BMC incremental step ({where}): `bench_e2e_step.py`", "",
+                f"{run.get('setting', '')}; medians of {run.get('rounds', '?')} interleaved rounds; commit "
+                f"{run.get('commit', '-')}" + (f"; {run['note']}" if run.get("note") else "") + ".", "",
+                "| variant | experts | losses | backbone | AdamW | step | base features | experts s | consolidation s "
+                "| total s | speed-up vs authors (experts, consolidation) | paired speed-up |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in run["rows"]:
+            cols = [r.get(k, "") for k in ("experts", "losses", "backbone", "adamw", "step", "base_features")]
+            out.append(f"| {r['variant']} | " + " | ".join(cols) + f" | {_f(r['experts_s'])} | "
+                       f"{_f(r['consolidation_s'])} | {_f(r['total_s'])} | {_f(r['speedup'])} "
+                       f"({_f(r['speedup_experts'])}, {_f(r['speedup_consolidation'])}) | "
+                       f"{_f(r.get('paired_speedup'))} |".replace("| - |", "|  |"))
+    if out:
+        out += ["", "`authors` is the plain PyTorch script (sequential experts, `nn.Module` ResMLP, eager losses, "
+                    "torch's default AdamW, the frozen base's features batch by batch); paired speed-up: the "
+                    "median over rounds of its time over the variant's in the same round; matmul floor: the "
+                    "step's float32 matrix products alone, at their most efficient sizes."]
+    return out
+
+
+def _distributed(doc: dict) -> list:
+    out = []
+    for run in doc.get("distributed", []):
+        out += ["", "### Distributed experts (torch.distributed, gloo on loopback): `bench_distributed.py`", "",
+                f"{run['setting']}; {run['threads_per_process']} thread per process; commit {run['commit']}.", "",
+                "| processes | wall s | experts s (rank 0) | gather s | consolidation s | final class-IL |",
+                "|---|---|---|---|---|---|"]
+        for r in run["rows"]:
+            out.append(f"| {r['processes']} | {r['wall_s']:.1f} | {r['experts_s']:.1f} | {r['gather_s']:.2f} "
+                       f"| {r['consolidation_s']:.1f} | {r['final_cil']:.3f} |")
+        out += ["", f"One expert-task {run['expert_task_s']:.2f} s, one consolidation {run['consolidation_step_s']:.2f} s, "
+                    f"one artifact {run['artifact_mb']:.1f} MB; 2 processes on 2 cores: "
+                    f"{run['speedup_2_processes']:.2f}x. A model (not a measurement) with the same phase-time "
+                    f"ratio and a 10 GB/s link: 71 tasks with K = 8 on 8 GPUs "
+                    f"{run['projection_71_tasks_8_gpus']:.1f}x faster than one GPU training each step's "
+                    "experts one after another."]
+    return out
+
+
+def _autods(doc: dict) -> list:
+    runs = {e.get("bench"): e for e in doc.get("autods", [])}
+    if not runs:
+        return []
+    out = ["", "### AutoDS features: `bench_autods.py`", ""]
+    if "read" in runs:
+        r = runs["read"]
+        out.append(f"- Reading {r['read_samples']:,} x {r['dim']} float32 samples: LMDB + restricted unpickling "
+                   f"{r['lmdb_samples_per_s']:,.0f} samples/s, the converted memory-mapped `.npy` format "
+                   f"{r['converted_samples_per_s']:,.0f} samples/s "
+                   f"({r['converted_samples_per_s'] / r['lmdb_samples_per_s']:.0f}x; files in the page cache; "
+                   f"commit {r['commit']}).")
+    if "open" in runs:
+        r = runs["open"]
+        out.append(f"- Opening a converted {r['tasks']}-task stream ({r['disk_mb']:.0f} MB on disk): "
+                   f"{r['open_ms']:.0f} ms, resident memory +{r['rss_growth_mb']:.1f} MB: nothing is read until "
+                   f"a task is used (commit {r['commit']}).")
+    return out
+
+
+def _ablation(doc: dict) -> list:
+    out = []
+    for run in doc.get("ablation", []):
+        ms = lambda v: "-" if v is None else f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
+        out += ["", "### Accuracy: what the BMC terms add (`benchmarks/ablation.py`)", "",
+                f"{run['setting']}; mean ± standard deviation over the seeds; commit {run['commit']}.", "",
+                "| variant | final class-IL accuracy | forgetting |", "|---|---|---|"]
+        out += [f"| {r['variant']} | {ms(r['cil'])} | {ms(r['forgetting'])} |" for r in run["rows"]]
+        if run.get("notes"):
+            out += [""] + [f"- {n}" for n in run["notes"]]
+    return out
+
+
+def render_machine(doc: dict, link_dir: str = "results") -> list:
+    """The Markdown of one results file; ``link_dir``: its folder, relative to the page."""
+    m = doc.get("machine", {})
+    kind = m.get("kind", "?")
+    title = m.get("title") or m.get("cpu") or m.get("gpu") or kind
+    link = f"{link_dir}/{kind}.json" if link_dir not in ("", ".") else f"{kind}.json"
+    out = ["", f"## {title}", "", f"File: [`{link}`]({link})."]
+    facts = [f"{m['cores']} cores" if m.get("cores") else None, m.get("isa"),
+             f"bmc_fast {m['bmc_fast_kernels']} kernels" if m.get("bmc_fast_kernels") else None, "no GPU"
+             if not m.get("gpu") else None]
+    out[-1] += " " + ", ".join(f for f in facts if f) + "."
+    if m.get("notes"):
+        out += ["", m["notes"]]
+    for part in (_e2e, _kernels, _distributed, _autods, _ablation):
+        out += part(doc)
+    return out
+
+
+def render(results_dir: str = RESULTS_DIR, out: str = RESULTS_MD) -> str:
+    docs = [load(p) for p in sorted(glob.glob(os.path.join(results_dir, "*.json")), reverse=True)]
+    docs = [d for d in docs if d.get("machine", {}).get("kind")]
+    link_dir = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(out)))
+    lines = [HEADER.rstrip("\n")]
+    for d in docs:
+        lines += render_machine(d, link_dir)
+    if not any(d.get("machine", {}).get("gpu") for d in docs):
+        lines += ["", "## GPU", "", "No GPU figure yet: no CUDA kernel has run on a GPU (see the README's GPU section)."]
+    return "\n".join(lines) + "\n"
+
+
+def write(results_dir: str = RESULTS_DIR, out: str = RESULTS_MD) -> str:
+    text = render(results_dir, out)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=RESULTS_DIR, help="folder of per-machine-kind JSON files")
+    p.add_argument("--out", default=RESULTS_MD, help="the Markdown file to write")
+    p.add_argument("--check", action="store_true", help="exit 1 if --out differs from what the files give")
+    p.add_argument("--file", help="print one results file as Markdown instead")
+    a = p.parse_args(argv)
+    if a.file:
+        print("\n".join(render_machine(load(a.file), os.path.dirname(a.file))).lstrip("\n"))
+        return 0
+    if a.check:
+        with open(a.out) as f:
+            same = f.read() == render(a.results, a.out)
+        print(f"{a.out} is {'up to date' if same else 'stale: run python benchmarks/report.py'}")
+        return 0 if same else 1
+    print(f"wrote {write(a.results, a.out)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
