@@ -243,16 +243,20 @@ class _Linear(torch.nn.Module):
 def test_span_validation_loss_is_the_mean_over_batches():
     bufs = [Buffer(torch.randn(n, 4), torch.full((n,), o) + torch.arange(n) % ln, o, ln, torch.randn(n, 3), task=i)
             for i, (n, o, ln) in enumerate([(30, 0, 2), (25, 2, 3), (15, 5, 2)])]
-    val = Memory(bufs)  # 70 rows in batches of 32, 32, 6, whose spans are [0, 5), [2, 7), [5, 7)
+    val = Memory(bufs)  # 70 rows over the classes [0, 2), [2, 5), [5, 7)
     model = _Linear(4, 9)
     cfg = BMCConfig(consolidation_batch_size=32, consolidation_ce="span", distill_coef=0.0, progress=False)
-    got = _validation_loss(model, val, consolidation_loss(cfg, val), cfg, 9, seen=7)
-    want = []
-    for (a, b), (lo, hi) in zip([(0, 32), (32, 64), (64, 70)], [(0, 5), (2, 7), (5, 7)]):
-        assert (int(val.offset[a:b].min()), int((val.offset + val.length)[a:b].max())) == (lo, hi)
-        with torch.no_grad():
-            want.append(float(F.cross_entropy(model(val.x[a:b])[0][:, lo:hi], val.y[a:b] - lo)))
-    assert got == pytest.approx(sum(want) / 3, rel=1e-6)
+    spec = consolidation_loss(cfg, val)
+    # in buffer order the batches of 32, 32, 6 rows span [0, 5), [2, 7), [5, 7); in another order, others
+    for order, spans in [(None, [(0, 5), (2, 7), (5, 7)]), (torch.arange(69, -1, -1), [(2, 7), (0, 5), (0, 2)])]:
+        rows = torch.arange(70) if order is None else order
+        want = []
+        for idx, (lo, hi) in zip(rows.split(32), spans):
+            assert (int(val.offset[idx].min()), int((val.offset + val.length)[idx].max())) == (lo, hi)
+            with torch.no_grad():
+                want.append(float(F.cross_entropy(model(val.x[idx])[0][:, lo:hi], val.y[idx] - lo)))
+        got = _validation_loss(model, val, spec, cfg, 9, seen=7, order=order)
+        assert got == pytest.approx(sum(want) / 3, rel=1e-6)
 
 
 @pytest.mark.parametrize("kind, alpha", [("uniform", 0.4), ("uniform", 1.0), ("beta", 0.4)])

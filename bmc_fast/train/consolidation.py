@@ -64,6 +64,10 @@ def consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_in
     gen = seeding.generator(cfg.seed, "consolidation", step_index)
     train_mem, val_mem = (memory.split(cfg.val_fraction, gen, pooled=cfg.val_split == "pooled")
                           if cfg.val_fraction > 0 else (memory, None))
+    # "span" validates batch by batch, in one random order of the validation rows drawn once (as
+    # the public code's unshuffled loader over a random split): batches mix the buffers
+    val_order = torch.randperm(len(val_mem), generator=gen) if val_mem is not None and cfg.consolidation_ce == "span" \
+        else None
     weighted = cfg.consolidation_sampler == "weighted"
     batches = train_mem.weighted_indices if weighted else train_mem.balanced_indices
     opt = adamw(model.parameters(), cfg.consolidation_lr, cfg.weight_decay, fused=cfg.fused_optimizer)
@@ -93,7 +97,7 @@ def consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_in
                     bar.update(1)
             epochs_run += 1
             if val_mem is not None and len(val_mem):
-                vl = _validation_loss(model, val_mem, spec, cfg, num_classes, seen)
+                vl = _validation_loss(model, val_mem, spec, cfg, num_classes, seen, val_order)
                 sched.step(vl)
                 if log:
                     log({"event": "consolidation_epoch", "epoch": epoch, "val_loss": vl})
@@ -110,17 +114,18 @@ def consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_in
 
 
 @torch.no_grad()
-def _validation_loss(model, val_mem: Memory, spec: LossSpec, cfg, num_classes: int, seen: int) -> float:
+def _validation_loss(model, val_mem: Memory, spec: LossSpec, cfg, num_classes: int, seen: int,
+                     order: torch.Tensor | None = None) -> float:
     """The consolidation loss (no mixup) of the eval-mode model on the whole validation memory;
     with the "span" CE, whose classes depend on the batch, the unweighted mean of its losses on
-    the validation memory's batches of ``consolidation_batch_size`` in order (as the public code)."""
+    the batches of ``consolidation_batch_size`` rows taken in ``order`` (as the public code)."""
     model.eval()
     device = torch.device(cfg.device)
     evaluator = AutogradStep(lambda x, seeds=None, first_model=0: model(x), None, spec.replace(mixup_alpha=0.0),
                              loss_ops(cfg), "validation")
     size = cfg.consolidation_batch_size if cfg.consolidation_ce == "span" else len(val_mem)
     losses = []
-    for idx in torch.arange(len(val_mem)).split(size):
+    for idx in (torch.arange(len(val_mem)) if order is None else order).split(size):
         raw = val_mem.batch(idx, num_classes, device)
         losses.append(float(evaluator.loss_value(raw["x"], _step_batch(raw, cfg.consolidation_ce, seen), train=False)))
     return sum(losses) / len(losses)
