@@ -90,9 +90,10 @@ class BMCConfig:
             raise ValueError(f"BMCConfig.stability must be 'feature' or 'weight', got {self.stability!r}")
         if self.buffer_dtype not in ("float32", "float16"):
             raise ValueError(f"BMCConfig.buffer_dtype must be 'float32' or 'float16', got {self.buffer_dtype!r}")
-        for name, choices in (("consolidation_ce", ("seen", "task", "span")), ("memory_policy", ("cap", "keep")),
-                              ("schedule", ("groups", "public")), ("mixup", ("beta", "uniform")),
-                              ("consolidation_sampler", ("balanced", "weighted")), ("val_split", ("buffers", "pooled"))):
+        choices_of = {"consolidation_ce": ("seen", "task", "span"), "memory_policy": ("cap", "keep"),
+                      "schedule": ("groups", "public"), "mixup": ("beta", "uniform"),
+                      "consolidation_sampler": ("balanced", "weighted"), "val_split": ("buffers", "pooled")}
+        for name, choices in choices_of.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"BMCConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.mixup == "uniform" and self.mixup_alpha > 1:
