@@ -14,6 +14,8 @@ from bmc_fast import reference
 from bmc_fast.data import Task, TaskStream
 from bmc_fast.train import BMC, BMCConfig
 from bmc_fast.train.consolidation import _step_batch, _validation_loss, consolidation_loss
+from bmc_fast.backbone import ResMLP
+from bmc_fast.train.experts import train_experts
 from bmc_fast.train.loop import consolidates_after, incremental_steps
 from bmc_fast.train.memory import Buffer, Memory, buffer_count, keep_quota
 from bmc_fast.train.metrics import evaluate_rows
@@ -162,6 +164,14 @@ def test_buffer_count():
     assert buffer_count(100, 200, 64) == 100 and buffer_count(100, 200, 64, public=True) == 64  # one drop_last pass
     assert buffer_count(50, 200, 64, public=True) == 50  # smaller than a batch: everything
     assert buffer_count(100, 0.5, 64) == 50 and buffer_count(1000, 0.5, 64, public=True) == 501
+
+
+def test_public_buffer_count_in_the_experts_buffers():
+    stream = tiny_stream(n_tasks=2, n=80)
+    for public, size, want in [(False, 50, 50), (True, 50, 51), (True, 70, 64), (False, 70, 70)]:
+        cfg = BMCConfig(n_experts=2, buffer_size=size, public_buffer_count=public, **FAST)
+        arts = train_experts(ResMLP(stream.input_dim, stream.num_classes), stream, [0, 1], cfg, step_index=0)
+        assert [len(a.buffer) for a in arts] == [want, want]
 
 
 # -- consolidation details -------------------------------------------------------------------------
