@@ -30,17 +30,26 @@ class BMCConfig:
     lr: float = 0.01
     weight_decay: float = 0.01
     buffer_size: float = 10000        # samples per task (int) or a fraction of the task (< 1)
+    public_buffer_count: bool = False  # a buffer keeps buffer_size + 1 samples of one drop_last pass (public code)
     buffer_dtype: str = "float32"     # "float32" | "float16" for stored features / logits
     store_logits: bool = False
     memory_size: int = 10000
+    memory_policy: str = "cap"        # "cap": consolidate on memory_size samples; "keep": on the new buffers in full
+                                      # + the kept memory, then cut every buffer to ceil(memory_size / J) + 1
+    schedule: str = "groups"          # "groups": consecutive groups of K; "public": the public code's trigger
     consolidation_epochs: int = 100
     consolidation_lr: float = 0.01
     consolidation_batch_size: int = 64
     mixup_alpha: float = 0.0
+    mixup: str = "beta"               # mixing weight ~ "beta": Beta(alpha, alpha); "uniform": U(1 - alpha, 1)
+    consolidation_sampler: str = "balanced"  # "balanced": equal share per buffer in every minibatch;
+                                             # "weighted": draws with replacement, 1/J per buffer, drop_last
     val_fraction: float = 0.0         # validation split carved from the memory (never test data)
+    val_split: str = "buffers"        # "buffers": val_fraction of every buffer; "pooled": of all samples at once
     lr_patience: int = 5              # ReduceLROnPlateau patience (epochs) when val_fraction > 0
     early_stopping: int = 0           # stop after this many epochs without improvement (0: never)
-    consolidation_ce: str = "seen"    # "seen": CE over all classes seen so far; "task": over each sample's task range
+    consolidation_ce: str = "seen"    # CE over "seen": all classes seen so far; "task": each sample's task range;
+                                      # "span": the batch's classes from its lowest task offset to its highest task end
     full_head: bool = False           # class-IL argmax over the whole head (as the authors' code)
     keep_expert_states: bool = False
     dropout: float = 0.3              # of the default ResMLP backbone
@@ -81,9 +90,16 @@ class BMCConfig:
             raise ValueError(f"BMCConfig.stability must be 'feature' or 'weight', got {self.stability!r}")
         if self.buffer_dtype not in ("float32", "float16"):
             raise ValueError(f"BMCConfig.buffer_dtype must be 'float32' or 'float16', got {self.buffer_dtype!r}")
-        if self.consolidation_ce not in ("seen", "task"):
-            raise ValueError(f"BMCConfig.consolidation_ce must be 'seen' or 'task', got {self.consolidation_ce!r}")
-        for name in ("fused_backbone", "fused_optimizer", "fused_step"):
+        choices_of = {"consolidation_ce": ("seen", "task", "span"), "memory_policy": ("cap", "keep"),
+                      "schedule": ("groups", "public"), "mixup": ("beta", "uniform"),
+                      "consolidation_sampler": ("balanced", "weighted"), "val_split": ("buffers", "pooled")}
+        for name, choices in choices_of.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"BMCConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.mixup == "uniform" and self.mixup_alpha > 1:
+            raise ValueError(f"BMCConfig.mixup_alpha must be <= 1 with mixup='uniform' (weight ~ U(1 - alpha, 1)), "
+                             f"got {self.mixup_alpha!r}")
+        for name in ("fused_backbone", "fused_optimizer", "fused_step", "public_buffer_count"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BMCConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.mixup_alpha > 0 and (self.distill_coef > 0 or self.kd_coef > 0):
@@ -100,14 +116,29 @@ class BMCConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "BMCConfig":
         """``"paper"``: the method as described (both BMC terms live, parallel experts).
-        ``"parity"``: what the authors' public code ran: no stability or distillation term, one
-        expert at a time, replay with mixup (alpha 0.4), a 20% validation split with
-        ReduceLROnPlateau, class-IL over the full head."""
+
+        ``"parity"``: what the BMC authors' public code (fostiropoulos/stream_benchmark) runs; its
+        differences from ``"paper"``:
+
+        * ``n_experts=1``: a consolidation after every task (the public default K).
+        * ``schedule="public"``: groups {0}, {1..K}, {K+1..2K}, ...; trailing tasks never consolidated.
+        * ``memory_policy="keep"``: new buffers in full + kept memory; then ceil(memory_size / J) + 1 each.
+        * ``public_buffer_count=True``: buffer_size + 1 samples per buffer, from one drop_last pass.
+        * ``stability_coef=distill_coef=kd_coef=0``: plain CE on the buffers' labels; experts only pick data.
+        * ``mixup="uniform"``, ``mixup_alpha=0.4``: consolidation mixup, one weight per batch ~ U(0.6, 1).
+        * ``consolidation_sampler="weighted"``: with replacement, each buffer 1/J, last batch dropped.
+        * ``consolidation_ce="span"``: CE from the batch's lowest task offset to its highest task end.
+        * ``val_fraction=0.2``, ``val_split="pooled"``: 20% of all consolidation samples held out.
+        * ``lr_patience=10``: ReduceLROnPlateau on the validation loss (no early stopping in either).
+        * ``full_head=True``: class-IL argmax over the whole head, unseen tasks' classes included.
+        """
         if name == "paper":
             base = {}
         elif name == "parity":
-            base = dict(n_experts=1, stability_coef=0.0, distill_coef=0.0, kd_coef=0.0, mixup_alpha=0.4,
-                        val_fraction=0.2, full_head=True, parallel="sequential")
+            base = dict(n_experts=1, schedule="public", memory_policy="keep", public_buffer_count=True,
+                        stability_coef=0.0, distill_coef=0.0, kd_coef=0.0, mixup="uniform", mixup_alpha=0.4,
+                        consolidation_sampler="weighted", consolidation_ce="span", val_fraction=0.2,
+                        val_split="pooled", lr_patience=10, full_head=True)
         else:
             raise ValueError(f"preset must be 'paper' or 'parity', got {name!r}")
         return cls(**{**base, **overrides, "preset_name": name})

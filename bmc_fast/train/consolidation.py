@@ -1,5 +1,7 @@
 """The consolidation phase (BMC-SPEC §2.3): the base model trained on the memory of all buffers
-with the task-masked CE and the batched distillation loss (optionally KD from stored logits)."""
+with the task-masked CE and the batched distillation loss (optionally KD from stored logits).
+The options of the public BMC code (``BMCConfig.preset("parity")``) are choices here: the
+pooled validation split, the weighted sampler, the "span" CE and the uniform mixup weight."""
 from __future__ import annotations
 
 import os
@@ -28,13 +30,14 @@ def _progress(cfg, total, desc):
 
 def consolidation_loss(cfg, memory: Memory) -> LossSpec:
     """The consolidation loss of ``cfg`` on ``memory``: ``task_coef`` x CE (over every class seen
-    so far, or each sample's task range: ``consolidation_ce``) + ``distill_coef`` x batched
-    distillation over the buffers + ``kd_coef`` x KD from the stored logits."""
+    so far, each sample's task range, or the batch's span of tasks: ``consolidation_ce``) +
+    ``distill_coef`` x batched distillation over the buffers + ``kd_coef`` x KD from the stored
+    logits; mixup as ``cfg.mixup`` / ``cfg.mixup_alpha``."""
     if cfg.kd_coef > 0 and len(memory) and memory.logits is None:
         raise ValueError("BMCConfig.kd_coef > 0 needs the experts' logits in every buffer of the memory")
     return LossSpec(ce_scale=cfg.task_coef, ce_reduction="mean", distill_coef=cfg.distill_coef,
                     num_buffers=memory.num_buffers, kd_coef=cfg.kd_coef, kd_temperature=cfg.kd_temperature,
-                    mixup_alpha=cfg.mixup_alpha)
+                    mixup_alpha=cfg.mixup_alpha, mixup=cfg.mixup)
 
 
 def _step_batch(b: dict, ce: str, seen: int) -> dict:
@@ -43,6 +46,10 @@ def _step_batch(b: dict, ce: str, seen: int) -> dict:
            "kd_offset": b["offset"], "kd_len": b["length"], "teacher_logits": b.get("teacher_logits")}
     if ce == "seen":  # CE over every class seen so far: teaches the head to tell tasks apart (class-IL)
         out["ce_offset"], out["ce_len"] = torch.zeros_like(b["offset"]), torch.full_like(b["length"], seen)
+    elif ce == "span":  # the public code: one slice from the batch's lowest task offset to its highest task end
+        lo, hi = b["offset"].min(), (b["offset"] + b["length"]).max()
+        out["ce_offset"] = lo.expand_as(b["offset"]).contiguous()
+        out["ce_len"] = (hi - lo).expand_as(b["length"]).contiguous()
     else:
         out["ce_offset"], out["ce_len"] = b["offset"], b["length"]
     return out
@@ -50,24 +57,34 @@ def _step_batch(b: dict, ce: str, seen: int) -> dict:
 
 def consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_index: int, log=None) -> dict:
     """Trains ``model`` on ``memory`` (BMC-SPEC §2.3) with :func:`consolidation_loss`, minibatches
-    balanced over buffers; optional mixup, validation split, ReduceLROnPlateau and early
-    stopping. Randomness is keyed by (``cfg.seed``, ``step_index``)."""
+    balanced over buffers (or drawn by ``consolidation_sampler="weighted"``); optional mixup,
+    validation split, ReduceLROnPlateau and early stopping. Randomness is keyed by
+    (``cfg.seed``, ``step_index``)."""
     device = torch.device(cfg.device)
     gen = seeding.generator(cfg.seed, "consolidation", step_index)
-    train_mem, val_mem = memory.split(cfg.val_fraction, gen) if cfg.val_fraction > 0 else (memory, None)
+    train_mem, val_mem = (memory.split(cfg.val_fraction, gen, pooled=cfg.val_split == "pooled")
+                          if cfg.val_fraction > 0 else (memory, None))
+    # "span" validates batch by batch, in one random order of the validation rows drawn once (as
+    # the public code's unshuffled loader over a random split): batches mix the buffers
+    val_order = torch.randperm(len(val_mem), generator=gen) if val_mem is not None and cfg.consolidation_ce == "span" \
+        else None
+    weighted = cfg.consolidation_sampler == "weighted"
+    batches = train_mem.weighted_indices if weighted else train_mem.balanced_indices
     opt = adamw(model.parameters(), cfg.consolidation_lr, cfg.weight_decay, fused=cfg.fused_optimizer)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=cfg.lr_patience) if val_mem is not None else None
     spec = consolidation_loss(cfg, memory)
     mixgen = np.random.default_rng(seeding.derive(cfg.seed, "mixup", step_index)) if spec.mixup_alpha > 0 else None
     best, bad_epochs, epochs_run = float("inf"), 0, 0
-    total_steps = cfg.consolidation_epochs * -(-len(train_mem) // cfg.consolidation_batch_size)
+    per_epoch = len(train_mem) // cfg.consolidation_batch_size if weighted else \
+        -(-len(train_mem) // cfg.consolidation_batch_size)
+    total_steps = cfg.consolidation_epochs * per_epoch
     bar = _progress(cfg, total_steps, "consolidation")
     seen = max(b.offset + b.length for b in memory.buffers)
     step, n = None, 0
     with backbone_mode(model, cfg):
         for epoch in range(cfg.consolidation_epochs):
             model.train()
-            for idx in train_mem.balanced_indices(cfg.consolidation_batch_size, gen):
+            for idx in batches(cfg.consolidation_batch_size, gen):
                 raw = train_mem.batch(idx, num_classes, device)
                 x, b = raw["x"], _step_batch(raw, cfg.consolidation_ce, seen)
                 if step is None:
@@ -80,7 +97,7 @@ def consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_in
                     bar.update(1)
             epochs_run += 1
             if val_mem is not None and len(val_mem):
-                vl = _validation_loss(model, val_mem, spec, cfg, num_classes, seen)
+                vl = _validation_loss(model, val_mem, spec, cfg, num_classes, seen, val_order)
                 sched.step(vl)
                 if log:
                     log({"event": "consolidation_epoch", "epoch": epoch, "val_loss": vl})
@@ -97,12 +114,18 @@ def consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_in
 
 
 @torch.no_grad()
-def _validation_loss(model, val_mem: Memory, spec: LossSpec, cfg, num_classes: int, seen: int) -> float:
-    """The consolidation loss (no mixup) of the eval-mode model on the whole validation memory."""
+def _validation_loss(model, val_mem: Memory, spec: LossSpec, cfg, num_classes: int, seen: int,
+                     order: torch.Tensor | None = None) -> float:
+    """The consolidation loss (no mixup) of the eval-mode model on the whole validation memory;
+    with the "span" CE, whose classes depend on the batch, the unweighted mean of its losses on
+    the batches of ``consolidation_batch_size`` rows taken in ``order`` (as the public code)."""
     model.eval()
-    idx = torch.arange(len(val_mem))
     device = torch.device(cfg.device)
-    raw = val_mem.batch(idx, num_classes, device)
     evaluator = AutogradStep(lambda x, seeds=None, first_model=0: model(x), None, spec.replace(mixup_alpha=0.0),
                              loss_ops(cfg), "validation")
-    return float(evaluator.loss_value(raw["x"], _step_batch(raw, cfg.consolidation_ce, seen), train=False))
+    size = cfg.consolidation_batch_size if cfg.consolidation_ce == "span" else len(val_mem)
+    losses = []
+    for idx in (torch.arange(len(val_mem)) if order is None else order).split(size):
+        raw = val_mem.batch(idx, num_classes, device)
+        losses.append(float(evaluator.loss_value(raw["x"], _step_batch(raw, cfg.consolidation_ce, seen), train=False)))
+    return sum(losses) / len(losses)

@@ -32,7 +32,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ..backbone import ResMLP, fused_args, fused_path_available
 from . import seeding
-from .memory import Buffer
+from .memory import Buffer, buffer_count
 from .step import LossSpec, adamw, build_step, describe
 
 __all__ = ["ExpertArtifact", "train_experts", "expert_steps", "flat_params", "expert_batches", "resolve_parallel"]
@@ -285,13 +285,12 @@ def _train_each(members: list, ph: _Phase, mode: str):
 
 @torch.no_grad()
 def _make_buffer(expert: nn.Module, stream, t: int, cfg, logit_offset: int) -> Buffer:
-    """A random subset of task t (``buffer_size``: a count, or a fraction when < 1) with the
+    """A random subset of task t (:func:`bmc_fast.train.memory.buffer_count` of its samples) with the
     expert's features and, when ``store_logits`` or ``kd_coef > 0``, its logits over the task's range
     (which starts at row ``logit_offset`` of the expert's head)."""
     task = stream[t]
     n = task.x_train.shape[0]
-    size = cfg.buffer_size
-    keep = min(n, int(round(size * n)) if isinstance(size, float) and size < 1 else int(size))
+    keep = buffer_count(n, cfg.buffer_size, cfg.batch_size, cfg.public_buffer_count)
     idx = torch.randperm(n, generator=seeding.generator(cfg.seed, "buffer", t))[:keep].sort().values
     o, ln = stream.task_range(t)
     x = task.x_train[idx].float()

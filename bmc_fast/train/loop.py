@@ -20,15 +20,37 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BMCConfig
 from .consolidation import _progress, consolidate
 from .experts import ExpertArtifact, train_experts
-from .memory import Memory
+from .memory import Memory, keep_quota
 from .metrics import Result, evaluate_rows
 
-__all__ = ["BMC", "ExpertRunner", "LocalExperts", "incremental_steps"]
+__all__ = ["BMC", "ExpertRunner", "LocalExperts", "incremental_steps", "consolidates_after"]
 
 
-def incremental_steps(n_tasks: int, k: int) -> list[list[int]]:
-    """The tasks of each incremental step: consecutive groups of ``k``."""
-    return [list(range(s, min(s + k, n_tasks))) for s in range(0, n_tasks, k)]
+def consolidates_after(task: int, n_tasks: int, k: int, schedule: str = "groups") -> bool:
+    """Whether an incremental step ends with a consolidation after ``task`` (0-based).
+
+    ``"groups"``: after every k-th task and after the last one. ``"public"``: the trigger of the
+    public BMC code: ``task % k == 0`` or ``task == n_tasks``; the second never holds (the last
+    index is ``n_tasks - 1``), so the tasks after the last multiple of ``k`` are never consolidated."""
+    if schedule == "groups":
+        return (task + 1) % k == 0 or task == n_tasks - 1
+    if schedule == "public":
+        return task % k == 0 or task == n_tasks
+    raise ValueError(f"schedule must be 'groups' or 'public', got {schedule!r}")
+
+
+def incremental_steps(n_tasks: int, k: int, schedule: str = "groups") -> list[list[int]]:
+    """The tasks of each incremental step, its experts trained together, each step ending where
+    :func:`consolidates_after` says. ``"groups"``: consecutive groups of ``k``. ``"public"``: {0},
+    {1..k}, {k+1..2k}, ..., and the tasks after the last multiple of ``k`` as a last step that is
+    never consolidated (its experts train, its rows are those of the last consolidated model)."""
+    steps, cur = [], []
+    for t in range(n_tasks):
+        cur.append(t)
+        if consolidates_after(t, n_tasks, k, schedule):
+            steps.append(cur)
+            cur = []
+    return steps + ([cur] if cur else [])
 
 
 class ExpertRunner:
@@ -89,8 +111,9 @@ class BMC:
 
     def fit(self, stream, on_task_end=None, checkpoint_dir=None, resume: bool = False, events=None,
             experts: ExpertRunner | None = None) -> Result | None:
-        """Learns the stream in incremental steps of ``n_experts`` tasks; returns the accuracy
-        matrices. With ``checkpoint_dir`` a checkpoint is written atomically after every step;
+        """Learns the stream in incremental steps of ``n_experts`` tasks (as ``schedule`` groups
+        them: :func:`incremental_steps`); returns the accuracy matrices. With
+        ``checkpoint_dir`` a checkpoint is written atomically after every step;
         ``resume=True`` continues from the last one and gives the same result as an
         uninterrupted run with the same seed. ``events`` receives dict records (phase timings,
         losses, accuracies, how each phase's steps ran) as they happen. ``experts`` runs the
@@ -111,7 +134,11 @@ class BMC:
     def _fit(self, stream, runner, on_task_end, checkpoint_dir, resume, events):
         cfg = self.config
         device = torch.device(cfg.device)
-        steps = incremental_steps(len(stream), cfg.n_experts)
+        steps = incremental_steps(len(stream), cfg.n_experts, cfg.schedule)
+        consolidated = [consolidates_after(ids[-1], len(stream), cfg.n_experts, cfg.schedule) for ids in steps]
+
+        def before_consolidation(s):  # the tasks of step s whose rows the model before its consolidation gives
+            return [] if s >= len(steps) else steps[s][:-1] if consolidated[s] else steps[s]
         self.model = self.model_fn(stream.input_dim, stream.num_classes).to(device)
         out = self.model(stream[0].x_train[:2].float().to(device))
         if not (isinstance(out, tuple) and len(out) == 2 and out[0].shape == (2, stream.num_classes)):
@@ -126,8 +153,8 @@ class BMC:
             start = self._load_checkpoint(ckpt, fingerprint, result, timings)
             self._log(events, {"event": "resumed", "from_step": start})
         start = runner.start(cfg, fingerprint, start)
-        if runner.is_main and start == 0 and len(steps[0]) > 1:
-            self._evaluate(stream, steps[0][:-1], result, timings, events)  # the untrained base
+        if runner.is_main and start == 0 and before_consolidation(0):
+            self._evaluate(stream, before_consolidation(0), result, timings, events)  # the untrained base
 
         for s in range(start, len(steps)):
             ids = steps[s]
@@ -142,27 +169,48 @@ class BMC:
                 self._log(events, {"event": "experts_done", "step": s, "seconds": time.perf_counter() - t0,
                                    "losses": [a.final_loss for a in arts], "kind": arts[0].step})
                 self.last_artifacts = arts
-                for t in ids[:-1]:  # the base has not changed yet: these rows were evaluated with it
+                for t in before_consolidation(s):  # the base has not changed yet: these rows were evaluated with it
                     self._task_end(t, result, on_task_end, events)
-                t0 = time.perf_counter()
-                self.memory.add([a.buffer for a in arts], cfg.memory_size, seeding.generator(cfg.seed, "memory", s))
-                timings["buffers_s"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                info = consolidate(self.model, self.memory, cfg, stream.num_classes, s,
-                                   log=(lambda r: self._log(events, r)) if events else None)
-                timings["consolidation_s"] += time.perf_counter() - t0
-                self._log(events, {"event": "consolidation_done", "step": s, "seconds": time.perf_counter() - t0,
-                                   "memory": len(self.memory), **info})
+            if runner.is_main and not consolidated[s]:
+                self._log(events, {"event": "consolidation_skipped", "step": s, "tasks": ids,
+                                   "reason": "schedule 'public' never consolidates the tasks after the last "
+                                             "multiple of n_experts"})
+            elif runner.is_main:
+                self._consolidate(stream, s, [a.buffer for a in arts], timings, events)
                 # One evaluation of the consolidated model: its row, and the rows of the next
                 # step's tasks learned before the next consolidation (the model is the same).
-                nxt = steps[s + 1][:-1] if s + 1 < len(steps) else []
-                self._evaluate(stream, [ids[-1]] + nxt, result, timings, events)
+                self._evaluate(stream, [ids[-1]] + before_consolidation(s + 1), result, timings, events)
                 self._task_end(ids[-1], result, on_task_end, events)
-                if ckpt:
-                    self._save_checkpoint(ckpt, s, fingerprint, result, timings)
+            if runner.is_main and ckpt:
+                self._save_checkpoint(ckpt, s, fingerprint, result, timings)
             runner.end_step(s)
         result.timings = timings
         return result if runner.is_main else None
+
+    def _consolidate(self, stream, s, new, timings, events):
+        """Step ``s``'s consolidation on the new buffers and the memory (``memory_policy``)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        gen = seeding.generator(cfg.seed, "memory", s)
+        if cfg.memory_policy == "cap":  # every buffer resampled to its quota of memory_size first
+            self.memory.add(new, cfg.memory_size, gen)
+            train_set = self.memory
+        else:  # "keep": the new buffers in full with the memory kept after the last step
+            train_set = self.memory.with_buffers(new)
+        timings["buffers_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        info = consolidate(self.model, train_set, cfg, stream.num_classes, s,
+                           log=(lambda r: self._log(events, r)) if events else None)
+        seconds = time.perf_counter() - t0
+        timings["consolidation_s"] += seconds
+        trained_on = len(train_set)
+        if cfg.memory_policy == "keep":  # then every buffer cut to ceil(memory_size / J) + 1
+            t0 = time.perf_counter()
+            train_set.cut(keep_quota(train_set.num_buffers, cfg.memory_size), gen)
+            self.memory = train_set
+            timings["buffers_s"] += time.perf_counter() - t0
+        self._log(events, {"event": "consolidation_done", "step": s, "seconds": seconds,
+                           "consolidation_set": trained_on, "memory": len(self.memory), **info})
 
     def _save_checkpoint(self, path, step, fingerprint, result, timings):
         """Everything needed to continue after ``step``, written atomically (weights_only-loadable)."""

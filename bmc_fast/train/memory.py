@@ -2,17 +2,29 @@
 
 A :class:`Buffer` is what one expert hands back: a random subset of its task (inputs, global
 labels, the task's class range) with the expert's own targets (features, optionally its logits
-over the task's range). :class:`Memory` concatenates buffers into single tensors, resamples them
-to a cap with exact even quotas, and draws minibatches balanced across buffers. Old samples keep
-the targets of the experts that made them. Never imports the compiled extension.
+over the task's range). :class:`Memory` concatenates buffers into single tensors and draws
+consolidation minibatches from them. Old samples keep the targets of the experts that made them.
+
+Two memory policies (``BMCConfig.memory_policy``):
+
+* ``"cap"``: before a consolidation, the new buffers join and every buffer is resampled to its
+  exact even quota of ``memory_size`` (:meth:`Memory.add`); the consolidation trains on exactly
+  that memory, which is also what is kept.
+* ``"keep"`` (the public code's): the consolidation trains on the kept memory plus the new
+  buffers in full (:meth:`Memory.with_buffers`); afterwards every buffer is cut to
+  :func:`keep_quota` = ceil(memory_size / J) + 1 samples (:meth:`Memory.cut`), so
+  ``memory_size`` (+ J) bounds what is kept between steps, not what a consolidation sees.
+
+Never imports the compiled extension.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Buffer", "Memory", "even_quotas"]
+__all__ = ["Buffer", "Memory", "even_quotas", "keep_quota", "buffer_count"]
 
 
 @dataclass
@@ -68,6 +80,26 @@ def even_quotas(sizes: list[int], cap: int) -> list[int]:
     return quotas
 
 
+def keep_quota(n_buffers: int, cap: int) -> int:
+    """The samples every buffer keeps after a consolidation with ``memory_policy="keep"``:
+    ceil(cap / J) + 1, as the public code (the + 1 included: J buffers keep up to cap + J)."""
+    return math.ceil(cap / n_buffers) + 1
+
+
+def buffer_count(n: int, buffer_size: float, batch_size: int, public: bool = False) -> int:
+    """How many of a task's ``n`` training samples its buffer keeps: ``buffer_size`` (a count, or
+    a fraction of the task when < 1), at most ``n``. ``public`` (``public_buffer_count``): as the
+    public code, which fills a buffer from one pass of the task's shuffled drop_last loader and
+    stops once it holds more than ``buffer_size``: one more sample, and at most the
+    ``floor(n / batch_size) * batch_size`` samples of that pass (a task smaller than one batch,
+    which the public code could not buffer, keeps all ``n``)."""
+    size = int(round(buffer_size * n)) if isinstance(buffer_size, float) and buffer_size < 1 else int(buffer_size)
+    if not public:
+        return min(n, size)
+    seen = n - n % batch_size if n >= batch_size else n
+    return min(seen, size + 1)
+
+
 class Memory:
     """The consolidation memory: all buffers concatenated into contiguous tensors.
 
@@ -90,6 +122,18 @@ class Memory:
         quotas = even_quotas([len(b) for b in buffers], cap)
         self.buffers = [b if q == len(b) else b.subset(torch.randperm(len(b), generator=generator)[:q].sort().values)
                         for b, q in zip(buffers, quotas)]
+        self._pack()
+
+    def with_buffers(self, new: list[Buffer]) -> "Memory":
+        """A memory of this memory's buffers and ``new`` ones, nothing resampled (``"keep"``)."""
+        return Memory(self.buffers + list(new))
+
+    def cut(self, quota: int, generator: torch.Generator) -> None:
+        """Every buffer larger than ``quota`` becomes a random subset of ``quota`` of its samples
+        (so a buffer cut again keeps a subset of what it kept before)."""
+        self.buffers = [b if len(b) <= quota else
+                        b.subset(torch.randperm(len(b), generator=generator)[:quota].sort().values)
+                        for b in self.buffers]
         self._pack()
 
     def _pack(self) -> None:
@@ -127,15 +171,40 @@ class Memory:
         return sum(b.nbytes() for b in self.buffers)
 
     # -- splitting and sampling -----------------------------------------------------------------
-    def split(self, fraction: float, generator: torch.Generator) -> tuple["Memory", "Memory"]:
-        """(train, validation) memories: ``fraction`` of every buffer goes to validation."""
+    def split(self, fraction: float, generator: torch.Generator, pooled: bool = False) -> tuple["Memory", "Memory"]:
+        """(train, validation) memories: ``fraction`` of every buffer goes to validation, or with
+        ``pooled`` ceil(``fraction`` x all samples) drawn from all buffers at once (as the public
+        code: a buffer's share of the validation set varies; a buffer left with no sample on one
+        side is not on that side)."""
         train, val = [], []
-        for b in self.buffers:
-            perm = torch.randperm(len(b), generator=generator)
-            k = int(round(len(b) * fraction))
-            val.append(b.subset(perm[:k].sort().values))
-            train.append(b.subset(perm[k:].sort().values))
-        return Memory(train), Memory([b for b in val if len(b)])
+        if pooled:
+            n = len(self)
+            held = torch.zeros(n, dtype=torch.bool)
+            held[torch.randperm(n, generator=generator)[:math.ceil(fraction * n)]] = True
+            for b, s in zip(self.buffers, self.starts):
+                m = held[s:s + len(b)]
+                val.append(b.subset(m.nonzero().squeeze(1)))
+                train.append(b.subset((~m).nonzero().squeeze(1)))
+        else:
+            for b in self.buffers:
+                perm = torch.randperm(len(b), generator=generator)
+                k = int(round(len(b) * fraction))
+                val.append(b.subset(perm[:k].sort().values))
+                train.append(b.subset(perm[k:].sort().values))
+        return Memory([b for b in train if len(b)] if pooled else train), Memory([b for b in val if len(b)])
+
+    def weighted_indices(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """One epoch of minibatch indices [S, B], S = floor(len / B), as the public code's sampler:
+        every index drawn independently, with replacement, with probability inverse to the size
+        of its buffer (so each buffer has probability 1/J, whatever its size); the ragged last
+        batch is dropped."""
+        steps = len(self) // batch_size
+        if steps == 0:
+            return torch.empty(0, batch_size, dtype=torch.long)
+        sizes = torch.tensor([len(b) for b in self.buffers], dtype=torch.float64)
+        weights = torch.index_select(1.0 / sizes, 0, self.buffer_id)
+        return torch.multinomial(weights, steps * batch_size, replacement=True, generator=generator).view(steps,
+                                                                                                          batch_size)
 
     def balanced_indices(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """One epoch of minibatch indices [S, B], S = ceil(len / B): every minibatch takes an equal

@@ -36,7 +36,8 @@ class LossSpec:
     coefficient whose batch tensors are missing is an error, never skipped. ``mixup_alpha > 0``
     mixes each batch's inputs with a permutation of them (weight from Beta(alpha, alpha), both
     drawn from the step's ``mixup_generator``, a numpy Generator) and its CE labels; it needs the
-    other terms off (their stored targets belong to unmixed inputs)."""
+    other terms off (their stored targets belong to unmixed inputs). ``mixup="uniform"`` draws
+    the weight from U(1 - mixup_alpha, 1) instead (the public BMC code's mixup)."""
 
     ce_scale: float = 1.0
     ce_reduction: str = "mean"
@@ -47,8 +48,11 @@ class LossSpec:
     kd_coef: float = 0.0
     kd_temperature: float = 1.0
     mixup_alpha: float = 0.0
+    mixup: str = "beta"
 
     def __post_init__(self):
+        if self.mixup not in ("beta", "uniform"):
+            raise ValueError(f"LossSpec.mixup must be 'beta' or 'uniform', got {self.mixup!r}")
         if self.ce_reduction not in ("mean", "sum"):
             raise ValueError(f"LossSpec.ce_reduction must be 'mean' or 'sum', got {self.ce_reduction!r}")
         if self.stability not in ("feature", "weight"):
@@ -138,7 +142,8 @@ class AutogradStep:
         y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
         stacked = self.stacked
         if train and spec.mixup_alpha > 0:
-            lam = float(self._mixgen.beta(spec.mixup_alpha, spec.mixup_alpha))
+            a = spec.mixup_alpha
+            lam = float(self._mixgen.beta(a, a) if spec.mixup == "beta" else self._mixgen.uniform(1 - a, 1))
             perm = torch.from_numpy(self._mixgen.permutation(x.shape[0])).to(x.device)
             logits, _ = self.forward(lam * x + (1 - lam) * x[perm], seeds, first_model)
             ce = lam * L.task_masked_cross_entropy(logits, y, off, ln, reduction=spec.ce_reduction) + (1 - lam) * \
