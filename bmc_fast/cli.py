@@ -123,7 +123,7 @@ def _run(args) -> int:
     else:
         stream = load()
     out = args.out
-    _checked(f"--out {out}", os.makedirs, out, exist_ok=True)
+    _checked(f"--out {out}", os.makedirs, out, exist_ok=True, errors=(OSError,))
 
     def emit(record):
         if args.json:

@@ -37,7 +37,7 @@ def _autods_root(path):
 
 @pytest.mark.parametrize("case", ["features_missing", "features_not_converted", "features_autods_root",
                                   "convert_missing_root", "resume_without_dir", "bad_value", "bad_int",
-                                  "cuda_without_gpu"])
+                                  "out_is_a_file", "cuda_without_gpu"])
 def test_user_errors_are_one_line(tmp_path, case):
     if case == "cuda_without_gpu" and torch.cuda.is_available():
         pytest.skip("a CUDA device is available here")
@@ -51,8 +51,10 @@ def test_user_errors_are_one_line(tmp_path, case):
         "resume_without_dir": (["run", "--resume"], ["--resume needs --checkpoint-dir"]),
         "bad_value": (["run", "--experts", "0"], ["--experts must be an int >= 1"]),
         "bad_int": (["run", "--epochs", "two"], ["--epochs", "invalid int value"]),
+        "out_is_a_file": (["run", "--out", tmp_path / "taken"], ["--out", "File exists"]),
         "cuda_without_gpu": (["run", "--device", "cuda"], ["--device cuda", "no CUDA device"]),
     }[case]
+    (tmp_path / "taken").write_text("")
     assert_one_line_error(bmc_fast(*args, cwd=tmp_path), *needles)
     assert not os.path.exists(tmp_path / "bmc_out")  # refused before any work
 
