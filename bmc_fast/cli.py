@@ -33,7 +33,7 @@ def _checked(what: str, fn, *args, errors=_INPUT_ERRORS, **kwargs):
         return fn(*args, **kwargs)
     except errors as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise UserError(f"{what}: {msg}" if what else str(msg)) from None
+        raise UserError(f"{what}: {msg}") from None
 
 
 def _table(results) -> str:
