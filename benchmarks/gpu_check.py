@@ -321,7 +321,10 @@ def run_stage(name: str, limit: float, args, env: dict) -> dict:
     except subprocess.TimeoutExpired:
         timed_out = True
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # e.g. stuck in the driver: leave it, report what is known
+            out = "(the killed stage did not exit within 30 s; its output is lost)"
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
@@ -436,9 +439,9 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
-        print(f"gpu-check: no CUDA device visible to torch {torch.__version__} ({built}) on {platform.python_version()} "
-              f"at {sys.executable}: nothing to check. Run it on a machine with a GPU, with a python whose torch "
-              "has CUDA (make gpu-check GPU_PYTHON=...).")
+        print(f"gpu-check: no CUDA device visible to torch {torch.__version__} ({built}) at {sys.executable}: "
+              "nothing to check. Run it on a machine with a GPU, with a python whose torch has CUDA "
+              "(make gpu-check GPU_PYTHON=...).")
         return 0
     stages = [s for s in args.stages.split(",") if s]
     unknown = [s for s in stages if s not in STAGES]
@@ -452,8 +455,8 @@ def main(argv=None) -> int:
         limits[name] = float(secs)
 
     facts = device_facts(args.device)
-    print(f"gpu-check: {facts['device']} {facts.get('capability', '')}, torch {facts['torch']}; stages {stages}; "
-          f"budget {args.budget:.0f} s", flush=True)
+    print(f"gpu-check: {' '.join(filter(None, (facts['device'], facts.get('capability'))))}, torch {facts['torch']}; "
+          f"stages {stages}; budget {args.budget:.0f} s", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     deadline = time.monotonic() + args.budget
     results = []
