@@ -135,6 +135,26 @@ def _time_copy(nbytes: int, threads: int, reps: int = 15, best: bool = False) ->
         torch.set_num_threads(old)
 
 
+def cuda_copy_gbps(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """The device's copy bandwidth, (read + write) bytes per second / 1e9: ``copy_`` of a buffer
+    far larger than L2 into an ``empty_like`` one, timed with CUDA events (median of ``reps``)."""
+    src = torch.ones(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
 @dataclass
 class Machine:
     device: str
@@ -149,17 +169,7 @@ class Machine:
 def probe_machine(device: str = "cpu") -> Machine:
     """Measures copy bandwidth and detects a busy core (2-thread regions then stall ~8 ms)."""
     if device == "cuda":
-        x = torch.empty(256 * 2**20 // 4, device="cuda")
-        y = torch.empty_like(x)
-        for _ in range(3):
-            y.copy_(x)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            y.copy_(x)
-        torch.cuda.synchronize()
-        gbps = 2 * x.numel() * 4 * 20 / (time.perf_counter() - t0) / 1e9
-        return Machine("cuda", torch.cuda.get_device_name(), 0, False, gbps)
+        return Machine("cuda", torch.cuda.get_device_name(), 0, False, cuda_copy_gbps())
     cores = os.cpu_count() or 1
     t1 = _time_copy(8 * 2**20, 1)
     t2 = _time_copy(8 * 2**20, min(2, cores))
@@ -271,19 +281,25 @@ def _check(out, ref, dtype, what):
 
 
 def run_case(benchmark, machine: Machine, op: str, shape: dict, dtype: torch.dtype, mode: str,
-               fused, ref, inputs, diff, bytes_min: int, max_seconds: float = 8.0):
+               fused, ref, inputs, diff, bytes_min: int, max_seconds: float = 8.0, compile: bool = True):
+    """Checks and times one case; ``compile=False`` leaves out the torch.compile provider (its
+    compile time dominates a quick run)."""
     device = machine.device
-    torch._dynamo.reset()  # a fresh compile per case: no recompile limit, compile time measured alone
-    compiled = torch.compile(ref, fullgraph=True, dynamic=False)
-    calls = {p: _call(f, inputs, diff, mode) for p, f in
-             (("bmc_fast", fused), ("eager", ref), ("compiled", compiled))}
-    t0 = time.perf_counter()
-    out_c = calls["compiled"]()
-    _sync(device)
-    compile_s = time.perf_counter() - t0
+    providers = {"bmc_fast": fused, "eager": ref}
+    if compile:
+        torch._dynamo.reset()  # a fresh compile per case: no recompile limit, compile time measured alone
+        providers["compiled"] = torch.compile(ref, fullgraph=True, dynamic=False)
+    calls = {p: _call(f, inputs, diff, mode) for p, f in providers.items()}
+    compile_s = None
+    if compile:
+        t0 = time.perf_counter()
+        out_c = calls["compiled"]()
+        _sync(device)
+        compile_s = time.perf_counter() - t0
     out_e = calls["eager"]()
     _check(calls["bmc_fast"](), out_e, dtype, "bmc_fast")
-    _check(out_c, out_e, dtype, "compiled")
+    if compile:
+        _check(out_c, out_e, dtype, "compiled")
 
     return time_and_record(benchmark, machine, op, ",".join(f"{k}={v}" for k, v in shape.items()), dtype, mode,
                            calls, compile_s, bytes_min, min_time=max_seconds)
@@ -307,7 +323,7 @@ def time_and_record(benchmark, machine: Machine, op: str, shape: str, dtype: tor
         **{f"t_{p}_p80_ms": q[p]["p80"] * 1e3 for p in q},
         "reps": q["bmc_fast"]["n"],
         "speedup_vs_eager": q["eager"]["median"] / t_b,
-        "speedup_vs_compile": q["compiled"]["median"] / t_b,
+        "speedup_vs_compile": q["compiled"]["median"] / t_b if "compiled" in q else None,
         "compile_s": compile_s,
         "bytes_min": bytes_min,
         "gbps": bytes_min / t_b / 1e9,

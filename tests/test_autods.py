@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bmc_fast import BMC, BMCConfig
-from bmc_fast.data.autods import UnsafePickleError, convert_autods, load_autods, load_features, safe_unpickle
+from bmc_fast.data.autods import (UnsafePickleError, convert_autods, feature_sets, load_autods, load_features,
+                                  safe_unpickle)
 
 DIM = 12
 
@@ -124,6 +125,25 @@ def test_clear_errors(tmp_path, breakage, error, match):
         kwargs["feats_name"] = "clip"
     with pytest.raises(error, match=match):
         load_autods(r, **kwargs)
+
+
+def test_feature_set_is_chosen_only_when_there_is_one(tmp_path):
+    import shutil
+
+    r = tmp_path / "a"
+    make_dataset(r, "cars", ["sedan", "coupe"], seed=1)
+    make_dataset(r, "apples", ["red", "green"], seed=2)
+    assert feature_sets(r) == ["default"] and len(load_autods(r)) == 2
+    shutil.copytree(r / "cars" / "feats" / "default", r / "cars" / "feats" / "clip")
+    assert feature_sets(r) == ["default"]  # only what every dataset has
+    assert feature_sets(r, datasets=["cars"]) == ["clip", "default"]
+    assert len(load_autods(r)) == 2
+    with pytest.raises(ValueError, match=r"several feature sets \['clip', 'default'\]"):
+        load_autods(r, datasets=["cars"])
+    assert len(load_autods(r, datasets=["cars"], feats_name="clip")) == 1
+    shutil.rmtree(r / "apples" / "feats" / "default")
+    with pytest.raises(FileNotFoundError, match="no feature set common"):
+        convert_autods(r, tmp_path / "out", progress=False)
 
 
 class Evil:

@@ -25,7 +25,7 @@ import torch
 from .._io import atomic_write_bytes
 from .tasks import Task, TaskStream
 
-__all__ = ["load_autods", "convert_autods", "load_features", "safe_unpickle", "UnsafePickleError"]
+__all__ = ["load_autods", "convert_autods", "load_features", "feature_sets", "safe_unpickle", "UnsafePickleError"]
 
 TRAIN, TEST = "train", "val"
 
@@ -133,13 +133,7 @@ def _subset_of(meta: dict, dataset: str, subset):
     return want
 
 
-def load_autods(root, datasets=None, feats_name: str = "default", subset=None) -> TaskStream:
-    """A :class:`TaskStream` of AutoDS features: one task per dataset, in alphabetical order,
-    labels = index of the class name among the subset's sorted class names (the same mapping
-    for train and val, even when a split lacks a class), ``val`` as the test split.
-
-    ``subset``: None (each dataset's only subset, or "none"), a name, or {dataset: name}."""
-    root = os.fspath(root)
+def _datasets(root: str, datasets=None) -> list:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"AutoDS root not found: {root}")
     available = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "metadata.pickle")))
@@ -149,9 +143,46 @@ def load_autods(root, datasets=None, feats_name: str = "default", subset=None) -
     if missing:
         raise FileNotFoundError(f"datasets not found under {root}: {missing} (available: {available})")
     if not datasets:
-        raise ValueError(f"no AutoDS dataset under {root}")
+        raise ValueError(f"no AutoDS dataset under {root} (expected <root>/<dataset>/metadata.pickle)")
+    return sorted(datasets)
+
+
+def feature_sets(root, datasets=None) -> list:
+    """The names of the feature sets (``<dataset>/feats/<name>/``) that every dataset under
+    ``root`` (or every one of ``datasets``) has, sorted."""
+    root = os.fspath(root)
+    common = None
+    for ds in _datasets(root, datasets):
+        feats = os.path.join(root, ds, "feats")
+        have = {f for f in os.listdir(feats) if os.path.isdir(os.path.join(feats, f))} if os.path.isdir(feats) else set()
+        common = have if common is None else common & have
+    return sorted(common)
+
+
+def _choose_feature_set(root: str, datasets) -> str:
+    names = feature_sets(root, datasets)
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise FileNotFoundError(f"no feature set common to every dataset under {root} "
+                                "(expected <dataset>/feats/<name>/train and val)")
+    raise ValueError(f"{root} has several feature sets {names}: choose one with feats_name= (--feats-name)")
+
+
+def load_autods(root, datasets=None, feats_name: str | None = None, subset=None) -> TaskStream:
+    """A :class:`TaskStream` of AutoDS features: one task per dataset, in alphabetical order,
+    labels = index of the class name among the subset's sorted class names (the same mapping
+    for train and val, even when a split lacks a class), ``val`` as the test split.
+
+    ``feats_name``: the feature set (``<dataset>/feats/<feats_name>/``); None takes the only one
+    the datasets have (:func:`feature_sets`) and is an error if they have several.
+    ``subset``: None (each dataset's only subset, or "none"), a name, or {dataset: name}."""
+    root = os.fspath(root)
+    datasets = _datasets(root, datasets)
+    if feats_name is None:
+        feats_name = _choose_feature_set(root, datasets)
     tasks, dim = [], None
-    for ds in sorted(datasets):
+    for ds in datasets:
         ds_dir = os.path.join(root, ds)
         meta = _load_metadata(os.path.join(ds_dir, "metadata.pickle"))
         sub = _subset_of(meta, ds, subset)
@@ -201,17 +232,22 @@ def _save_npy(folder: str, name: str, array: np.ndarray) -> dict:
             "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
 
 
-def convert_autods(root, out, dtype: str = "float32", feats_name: str = "default", datasets=None, subset=None,
+def convert_autods(root, out, dtype: str = "float32", feats_name: str | None = None, datasets=None, subset=None,
                    progress: bool = True) -> str:
     """Writes every task of an AutoDS root to ``out`` as ``.npy`` files (features in ``dtype``,
-    int64 labels) with a JSON index of shapes, class counts and sha256 checksums. Files are
-    written atomically and the index is rewritten after each finished task, so a killed
-    conversion leaves only complete tasks in the index."""
+    int64 labels) with a JSON index of shapes, class counts, the feature set and sha256
+    checksums. Files are written atomically and the index is rewritten after each finished
+    task, so a killed conversion leaves only complete tasks in the index. ``feats_name``,
+    ``datasets`` and ``subset`` as in :func:`load_autods`."""
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    root = os.fspath(root)
+    if feats_name is None:
+        feats_name = _choose_feature_set(root, _datasets(root, datasets))
     stream = load_autods(root, datasets, feats_name, subset)
     os.makedirs(out, exist_ok=True)
-    index = {"format": "bmc_fast-features-v1", "dtype": dtype, "input_dim": stream.input_dim, "tasks": []}
+    index = {"format": "bmc_fast-features-v1", "dtype": dtype, "feats_name": feats_name,
+             "input_dim": stream.input_dim, "tasks": []}
     bar = None
     if progress:
         try:

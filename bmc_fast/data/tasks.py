@@ -12,6 +12,8 @@ import torch
 
 __all__ = ["Task", "TaskStream"]
 
+_REPR_TASKS = 12  # a stream of more tasks prints its first and last ones
+
 
 def _as_tensor(x, name: str, dtype=None) -> torch.Tensor:
     if isinstance(x, np.ndarray):
@@ -73,6 +75,11 @@ class Task:
     def input_shape(self):
         return tuple(self.x_train.shape[1:])
 
+    def __repr__(self) -> str:  # sizes only: the tensors may be large or memory-mapped
+        return (f"Task({self.name!r}, {self.num_classes} classes, input {list(self.input_shape)} "
+                f"{str(self.x_train.dtype).replace('torch.', '')}, train {self.x_train.shape[0]}, "
+                f"test {self.x_test.shape[0]})")
+
 
 @dataclass
 class TaskStream:
@@ -116,3 +123,29 @@ class TaskStream:
     def task_range(self, t: int) -> tuple[int, int]:
         """(offset, length) of task t's classes in the shared head."""
         return self.offsets[t], self.tasks[t].num_classes
+
+    def __repr__(self) -> str:
+        """A summary: one line for the stream, one per task (the first and last ones of a long
+        stream) with its name, its classes in the shared head and its split sizes."""
+        n_train = sum(t.x_train.shape[0] for t in self.tasks)
+        n_test = sum(t.x_test.shape[0] for t in self.tasks)
+        lines = [f"TaskStream({len(self)} tasks, {self.num_classes} classes, input {list(self.tasks[0].input_shape)}, "
+                 f"train {n_train}, test {n_test}"]
+        if len(self) <= _REPR_TASKS:
+            shown = list(range(len(self)))
+        else:
+            shown = [*range(_REPR_TASKS - 3), None, len(self) - 2, len(self) - 1]
+        rows = {}
+        for i in shown:
+            if i is not None:
+                t, o = self.tasks[i], self.offsets[i]
+                rows[i] = (str(i), t.name, f"classes [{o}, {o + t.num_classes})", f"train {t.x_train.shape[0]}",
+                           f"test {t.x_test.shape[0]}")
+        widths = [max(len(r[c]) for r in rows.values()) for c in range(5)]
+        for i in shown:
+            if i is None:
+                lines.append(f"  ... {len(self) - len(rows)} more tasks")
+                continue
+            cells = [rows[i][0].rjust(widths[0])] + [v.ljust(w) for v, w in zip(rows[i][1:], widths[1:])]
+            lines.append(("  " + "  ".join(cells)).rstrip())
+        return "\n".join(lines) + ")"

@@ -2,9 +2,9 @@
 backward transfer, per-phase wall time; JSON output (never pickle) and a PNG plot."""
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,8 +161,8 @@ class Result:
             return cls.from_dict(json.load(f))
 
     def plot(self, path, others: dict | None = None) -> str:
-        """PNG: the class-IL accuracy matrix as a heatmap and the average-accuracy curve (with the
-        curves of ``others``, {name: Result}, for comparison)."""
+        """PNG, written atomically: the class-IL accuracy matrix as a heatmap and the
+        average-accuracy curve (with the curves of ``others``, {name: Result}, for comparison)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -184,9 +184,10 @@ class Result:
         ax2.grid(alpha=0.3)
         ax2.legend()
         fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp.png"
-        fig.savefig(tmp, dpi=110)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
-        os.replace(tmp, path)
+        from .._io import atomic_write_bytes
+
+        atomic_write_bytes(path, buf.getvalue())
         return str(path)
