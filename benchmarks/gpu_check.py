@@ -10,7 +10,7 @@ H100/H200. Stages, each in its own process with its own time limit, all run even
   allows), with each case's fraction of the device copy bandwidth (CUDA events).
 * ``e2e``: one incremental step of bench_e2e_step.py's CUDA variants.
 
-Writes ONE report, benchmarks/results/gpu-check-<device>-<date>.md (``--out``): device, versions,
+Writes ONE report, benchmarks/results/gpu-check-<device>.md (``--out``): device, versions,
 each stage's result and time, the figures, and each failure's output; a JSON block at its end
 holds everything. Exits 1 if a stage failed, 0 if all passed. Without a CUDA device it says so
 and exits 0. ``--device cpu`` runs the chosen stages on the CPU (``--tiny`` sizes), to check the
@@ -418,7 +418,7 @@ def report(facts: dict, results: list, args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="one-shot GPU check of bmc_fast: build, CUDA tests, benchmarks, trainer")
-    p.add_argument("--out", help="the report file (default: benchmarks/results/gpu-check-<device>-<date>.md)")
+    p.add_argument("--out", help="the report file (default: benchmarks/results/gpu-check-<device>.md)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in this order")
     p.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS",
                    help="override a stage's time limit (repeatable)")
@@ -474,7 +474,7 @@ def main(argv=None) -> int:
         print(f"gpu-check: {name}: {r['status']} ({r.get('seconds', 0):.0f} s) {r.get('message', '') or _summary(r)}",
               flush=True)
     slug = re.sub(r"[^a-z0-9]+", "-", str(facts["device"]).lower()).strip("-")
-    out = args.out or os.path.join(BENCH, "results", f"gpu-check-{slug}-{time.strftime('%Y-%m-%d')}.md")
+    out = args.out or os.path.join(BENCH, "results", f"gpu-check-{slug}.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write(report(facts, results, args))
