@@ -1,38 +1,217 @@
-"""Reference points for BMC on a stream: sequential fine-tuning (the forgetting floor) and joint
-training on all tasks at once (the upper bound), with the same backbone and optimiser."""
+"""Reference points for BMC on a stream, in the same trainer: the same backbone (``model_fn``), the
+same optimizer (:func:`~bmc_fast.train.step.adamw`, a fresh one per task), the same data layer
+and the same storage budget (``cfg.memory_size`` samples kept between tasks).
+
+* :func:`finetune`: the backbone trained on each task in turn (the forgetting floor).
+* :func:`joint`: trained on all tasks at once (the upper bound).
+* :func:`er`: experience replay from a reservoir buffer (or a class-balanced one).
+* :func:`derpp`: DER++ (Buzzega et al. 2020): replay of stored logits and labels.
+* :func:`lwf`: Learning without Forgetting (Li & Hoiem 2016): distillation of the previous model.
+* :func:`gdumb`: GDumb (Prabhu et al. 2020): a greedy class-balanced memory and a model trained
+  from scratch on it after every task.
+
+Every function is ``f(stream, cfg, model_fn, **options) -> Result`` (:data:`BASELINES` names
+them), trains through :func:`~bmc_fast.train.step.build_step` (the one-call C++ step where it
+applies; DER++'s loss is not a :class:`~bmc_fast.train.step.LossSpec` and runs through
+autograd), evaluates after every task (class-IL over the classes seen so far, or the whole head
+with ``cfg.full_head``; task-IL in each task's range) and fills one row of the matrices per task
+(``step_starts``: one task per step). Every draw comes from a named stream of
+:mod:`~bmc_fast.train.seeding` keyed by the method and the task; the caller's global generator
+is left as it was.
+
+Class ranges of the CE: finetune and joint over the whole head; ER, DER++ and GDumb over the
+classes seen so far (the labels a class-incremental learner has met); LwF over the current
+task's classes (Li & Hoiem's loss on the new task), ``ce="seen"`` for the classes seen so far.
+"""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 
 import torch
 
 from . import seeding
-from .metrics import Result, evaluate
-from .step import LossSpec, adamw, backbone_mode, build_step
+from .metrics import Result, evaluate, evaluate_rows
+from .step import LossSpec, adamw, backbone_mode, build_step, describe, loss_ops
 
-__all__ = ["finetune", "joint"]
+__all__ = ["finetune", "joint", "er", "derpp", "lwf", "gdumb", "ReservoirBuffer", "BalancedBuffer", "DerppStep",
+           "BASELINES"]
+
+# The keys of the methods' draws in the "baseline" stream. finetune keys its draws by the task
+# index (>= 0) and joint by -1; the methods below use negative keys of their own, then a purpose.
+_KEY = {"er": -2, "derpp": -3, "lwf": -4, "gdumb": -5}
+_BATCHES, _REPLAY, _BUFFER, _DROPOUT = 0, 1, 2, 3
 
 
-def _train(model, x, y, off, ln, cfg, epochs, phase: int):
-    """``epochs`` of CE training over (x, y) in shuffled minibatches through the step builder."""
+def _generator(cfg, method: str, purpose: int, *parts: int) -> torch.Generator:
+    return seeding.generator(cfg.seed, "baseline", _KEY[method], purpose, *parts)
+
+
+def _dropout(cfg, method: str, task: int, k: int) -> list[int]:
+    return seeding.dropout_seeds(cfg.seed, "baseline", _KEY[method], _DROPOUT, task, k)
+
+
+# -- buffers ------------------------------------------------------------------------------------
+
+class _Slots:
+    """Storage of a buffer: ``capacity`` rows of inputs (in their stored dtype), global labels
+    and optionally logits, allocated on the first write."""
+
+    def __init__(self, capacity: int):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self.x = self.y = self.logits = None
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _write(self, slots: list[int], x, y, logits, items: list[int]) -> None:
+        if self.x is None:
+            self.x = torch.empty((self.capacity,) + tuple(x.shape[1:]), dtype=x.dtype)
+            self.y = torch.empty(self.capacity, dtype=torch.long)
+            if logits is not None:
+                self.logits = torch.empty(self.capacity, logits.shape[1], dtype=torch.float32)
+        if (logits is None) != (self.logits is None):
+            raise ValueError("a buffer stores logits for every sample or for none")
+        if not slots:
+            return
+        s, i = torch.tensor(slots), torch.tensor(items)
+        self.x[s] = x[i].to(self.x.dtype)
+        self.y[s] = y[i]
+        if logits is not None:
+            self.logits[s] = logits[i].float()
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``min(n, len)`` distinct stored rows, uniformly at random."""
+        return torch.randperm(self.size, generator=generator)[:n]
+
+
+class ReservoirBuffer(_Slots):
+    """Reservoir sampling (Vitter's algorithm R): after ``seen`` items were offered, every one of
+    them is stored with the same probability ``min(1, capacity / seen)``, whatever the order.
+    Item i (0-based) goes to slot i while there is room, else it replaces slot j, j uniform in
+    [0, i], if j < capacity. ``add`` takes the items in order (a later item of the same batch
+    may replace an earlier one)."""
+
+    def __init__(self, capacity: int, generator: torch.Generator):
+        super().__init__(capacity)
+        self.generator = generator
+        self.seen = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        b = y.shape[0]
+        pos = torch.arange(self.seen, self.seen + b, dtype=torch.float64)
+        j = (torch.rand(b, generator=self.generator, dtype=torch.float64) * (pos + 1)).long()
+        slot = torch.where(pos < self.capacity, pos.long(), torch.where(j < self.capacity, j, -1))
+        last = {}
+        for i, s in enumerate(slot.tolist()):
+            if s >= 0:
+                last[s] = i  # the last item written to a slot is the one it keeps
+        self._write(list(last), x, y, logits, list(last.values()))
+        self.seen += b
+        self.size = min(self.seen, self.capacity)
+
+
+class BalancedBuffer(_Slots):
+    """GDumb's greedy class-balanced sampler (Prabhu et al. 2020): an item of class c is stored
+    if c is not in the buffer or holds fewer than ``capacity // classes in the buffer`` slots;
+    when the buffer is full it replaces a random item of the largest class (the lowest class id
+    among ties). Every class that offers enough items ends with at least ``capacity // classes``
+    slots; the remainder stays with the classes that held it."""
+
+    def __init__(self, capacity: int, num_classes: int, generator: torch.Generator):
+        super().__init__(capacity)
+        self.generator = generator
+        self.counts = [0] * num_classes
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        counts = self.counts
+        for i, c in enumerate(y.tolist()):
+            present = sum(1 for n in counts if n)
+            if counts[c] and counts[c] >= self.capacity // max(present, 1):
+                continue
+            if self.size < self.capacity:
+                s = self.size
+                self.size += 1
+            else:
+                big = max(range(len(counts)), key=counts.__getitem__)  # the first of the largest
+                rows = torch.nonzero(self.y[:self.size] == big).flatten()
+                s = int(rows[torch.randint(len(rows), (1,), generator=self.generator)])
+                counts[big] -= 1
+            self._write([s], x, y, logits, [i])
+            counts[c] += 1
+
+
+# -- training -----------------------------------------------------------------------------------
+
+def _batches(n: int, batch_size: int, epochs: int, generator: torch.Generator):
+    """Shuffled minibatch indices, ``epochs`` passes; a last batch of one sample is skipped
+    (BatchNorm needs two)."""
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=generator).split(batch_size):
+            if len(idx) >= 2:
+                yield idx
+
+
+def _rows(n: int, offset: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.full((n,), offset, dtype=torch.long, device=device),
+            torch.full((n,), length, dtype=torch.long, device=device))
+
+
+def _train(model, x, y, off, ln, cfg, epochs, *key, lr=None, batch_size=None):
+    """``epochs`` of CE training over (x, y) in shuffled minibatches through the step builder;
+    batch order and dropout keyed by ``key`` in the "baseline" stream."""
     device = torch.device(cfg.device)
-    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
-    g = seeding.generator(cfg.seed, "baseline", phase)
+    opt = adamw(model.parameters(), cfg.lr if lr is None else lr, cfg.weight_decay, fused=cfg.fused_optimizer)
+    g = seeding.generator(cfg.seed, "baseline", *key)
     model.train()
-    n, step, k = x.shape[0], None, 0
+    step = None
     with backbone_mode(model, cfg):
-        for _ in range(epochs):
-            for idx in torch.randperm(n, generator=g).split(cfg.batch_size):
-                if len(idx) < 2:  # BatchNorm needs two samples
-                    continue
-                xb = x[idx].to(device)
-                b = {"labels": y[idx].to(device), "ce_offset": off[idx].to(device), "ce_len": ln[idx].to(device)}
-                if step is None:
-                    step = build_step(model, opt, LossSpec(), cfg, xb)
-                step(xb, b, seeding.dropout_seeds(cfg.seed, "baseline", phase, k))
-                k += 1
+        for k, idx in enumerate(_batches(x.shape[0], batch_size or cfg.batch_size, epochs, g)):
+            xb = x[idx].float().to(device)
+            b = {"labels": y[idx].to(device), "ce_offset": off[idx].to(device), "ce_len": ln[idx].to(device)}
+            if step is None:
+                step = build_step(model, opt, LossSpec(), cfg, xb)
+            step(xb, b, seeding.dropout_seeds(cfg.seed, "baseline", *key, k))
     model.eval()
+    return step
 
+
+def _new_model(stream, cfg, model_fn):
+    """The run's initial model: the same weights for every method with the same seed."""
+    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+        return model_fn(stream.input_dim, stream.num_classes).to(cfg.device)
+
+
+class _Clock:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.train_s = self.eval_s = 0.0
+
+    def timings(self) -> dict:
+        return {"train_s": self.train_s, "evaluation_s": self.eval_s, "total_s": time.perf_counter() - self.t0}
+
+
+def _evaluate_into(result: Result, model, stream, t: int, cfg, clock: _Clock) -> None:
+    t0 = time.perf_counter()
+    cil, til = evaluate_rows(model, stream, [t], cfg.device, cfg.full_head)[t]
+    result.cil_matrix[t, : t + 1], result.til_matrix[t, : t + 1] = cil, til
+    clock.eval_s += time.perf_counter() - t0
+
+
+def _result(stream, method: str, cfg, options: dict) -> Result:
+    return Result.empty([t.name for t in stream], step_starts=list(range(len(stream))), method=method,
+                        config={**cfg.to_dict(), "baseline": {"method": method, **options}})
+
+
+def _seen(stream, t: int) -> int:
+    return stream.offsets[t] + stream[t].num_classes
+
+
+# -- finetune and joint ---------------------------------------------------------------------------
 
 def finetune(stream, cfg, model_fn) -> Result:
     """The backbone trained on each task in turn (CE over the whole head), evaluated after each."""
@@ -76,3 +255,269 @@ def _joint(stream, cfg, model_fn, epochs, t0) -> Result:
     result.cil_matrix[last], result.til_matrix[last] = cil, til
     result.timings = {"total_s": time.perf_counter() - t0}
     return result
+
+
+# -- ER -----------------------------------------------------------------------------------------
+
+def er(stream, cfg, model_fn, *, buffer: str = "reservoir") -> Result:
+    """Experience replay: every minibatch of the current task is joined by an equal number of
+    samples drawn uniformly from a buffer of ``cfg.memory_size`` samples, and one CE step (mean
+    over the joined rows, over the classes seen so far) trains on both; the current minibatch
+    then enters the buffer. ``buffer="reservoir"``: a uniform sample of every training sample
+    presented so far (each epoch presents a task's samples again, as in the DER authors' code);
+    ``"balanced"``: GDumb's greedy class-balanced sampler (:class:`BalancedBuffer`)."""
+    if buffer not in ("reservoir", "balanced"):
+        raise ValueError(f"buffer must be 'reservoir' or 'balanced', got {buffer!r}")
+    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+        return _er(stream, cfg, model_fn, buffer)
+
+
+def _er(stream, cfg, model_fn, kind) -> Result:
+    clock, device = _Clock(), torch.device(cfg.device)
+    model = _new_model(stream, cfg, model_fn)
+    g = _generator(cfg, "er", _BUFFER)
+    buf = ReservoirBuffer(cfg.memory_size, g) if kind == "reservoir" else \
+        BalancedBuffer(cfg.memory_size, stream.num_classes, g)
+    result = _result(stream, "er", cfg, {"buffer": kind})
+    steps = []
+    for t, task in enumerate(stream):
+        t0 = time.perf_counter()
+        x, y, seen = task.x_train, task.y_train + stream.offsets[t], _seen(stream, t)
+        opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
+        replay, step = _generator(cfg, "er", _REPLAY, t), None
+        model.train()
+        with backbone_mode(model, cfg):
+            for k, idx in enumerate(_batches(len(y), cfg.batch_size, cfg.epochs, _generator(cfg, "er", _BATCHES, t))):
+                xb, yb = x[idx].float(), y[idx]
+                if len(buf):
+                    j = buf.sample(len(idx), replay)
+                    xb, yb = torch.cat([xb, buf.x[j].float()]), torch.cat([yb, buf.y[j]])
+                xb = xb.to(device)
+                off, ln = _rows(len(yb), 0, seen, device)
+                batch = {"labels": yb.to(device), "ce_offset": off, "ce_len": ln}
+                if step is None:
+                    step = build_step(model, opt, LossSpec(), cfg, xb)
+                step(xb, batch, _dropout(cfg, "er", t, k))
+                buf.add(x[idx], y[idx])
+        model.eval()
+        steps.append(describe(step))
+        clock.train_s += time.perf_counter() - t0
+        _evaluate_into(result, model, stream, t, cfg, clock)
+    result.config["baseline"]["steps"] = steps
+    result.timings = clock.timings()
+    return result
+
+
+# -- DER++ --------------------------------------------------------------------------------------
+
+class DerppStep:
+    """DER++'s training step through autograd (its loss is not a
+    :class:`~bmc_fast.train.step.LossSpec`: a mean squared error of logits, two CE terms of
+    different weights), with the forward the step builder chooses (the fused ResMLP's seeded
+    training forward where it applies) and the loss ops of ``cfg.losses``.
+
+    One forward over the rows ``[current (b); replayed for the logits (m); replayed for the
+    labels (m)]``; the loss is ``CE(current) + alpha * MSE(logits of the first replayed rows,
+    their stored logits) + beta * CE(second replayed rows, their stored labels)``, each CE a
+    mean over its rows, the MSE a mean over rows and the whole head (``stability_loss`` of one
+    "expert"). The one forward computes BatchNorm's batch statistics over all three parts (the
+    DER authors' code runs three forwards), as ER's joined batch does."""
+
+    kind = "autograd"
+    reason = "DER++'s logit MSE and weighted replay CE are not LossSpec terms"
+
+    def __init__(self, model, optimizer, cfg, x: torch.Tensor, alpha: float, beta: float):
+        # The autograd step the builder makes without the one-call step carries the forward it
+        # chose; this step keeps that forward and computes its own loss.
+        plain = build_step(model, optimizer, LossSpec(), dataclasses.replace(cfg, fused_step=False), x)
+        self.forward, self.optimizer, self.ops = plain.forward, optimizer, loss_ops(cfg)
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def terms(self, x: torch.Tensor, batch: dict, seeds=None) -> tuple[dict, torch.Tensor]:
+        """``({"ce", "logit_mse", "replay_ce"}, logits of the current rows)``; the replay terms
+        are None when the batch has no replayed rows. ``batch``: ``labels``, ``ce_offset`` and
+        ``ce_len`` of the current and the label-replay rows, ``target_logits`` ``[m, C]`` and
+        ``sizes`` ``(b, m)``."""
+        L = self.ops
+        b, m = batch["sizes"]
+        logits, _ = self.forward(x, seeds, 0)
+        cur, fit, rep = logits.split([b, m, m])
+        y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
+        out = {"ce": L.task_masked_cross_entropy(cur, y[:b], off[:b], ln[:b]), "logit_mse": None, "replay_ce": None}
+        if m:
+            out["logit_mse"] = L.stability_loss(fit.float()[None], batch["target_logits"][None], reduction="sum")
+            out["replay_ce"] = L.task_masked_cross_entropy(rep, y[b:], off[b:], ln[b:])
+        return out, cur
+
+    def loss(self, terms: dict) -> torch.Tensor:
+        loss = terms["ce"]
+        if terms["logit_mse"] is not None:
+            loss = loss + self.alpha * terms["logit_mse"] + self.beta * terms["replay_ce"]
+        return loss
+
+    def __call__(self, x: torch.Tensor, batch: dict, seeds=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step; returns the loss and the current rows' logits of its forward (before the
+        update), which DER++ stores with the samples."""
+        terms, cur = self.terms(x, batch, seeds)
+        loss = self.loss(terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), cur.detach().float()
+
+
+def derpp(stream, cfg, model_fn, *, alpha: float = 0.1, beta: float = 0.5) -> Result:
+    """DER++ (Buzzega et al., NeurIPS 2020): a reservoir buffer of ``cfg.memory_size`` samples
+    keeps each sample's input, label and the logits (whole head) the model gave it in the step
+    that presented it (the training-mode forward before the update, as the authors' code);
+    those logits are never refreshed. Every step adds to the CE of the current minibatch
+    ``alpha`` times the MSE between the model's logits on one replayed draw and their stored
+    logits, and ``beta`` times the CE of a second, independent draw with its stored labels (CE
+    over the classes seen so far). Each draw has as many samples as the current minibatch.
+    Defaults alpha 0.1, beta 0.5: the pair the DER authors' code lists most often among its
+    tuned values (Seq-CIFAR-10 with 200 samples, Seq-TinyImageNet with 5120, Seq-CIFAR-100;
+    aimagelab/mammoth utils/best_args.py), whose alpha ranges over 0.1-1 and beta over 0.5-1."""
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+        return _derpp(stream, cfg, model_fn, float(alpha), float(beta))
+
+
+def _derpp(stream, cfg, model_fn, alpha, beta) -> Result:
+    clock, device = _Clock(), torch.device(cfg.device)
+    model = _new_model(stream, cfg, model_fn)
+    buf = ReservoirBuffer(cfg.memory_size, _generator(cfg, "derpp", _BUFFER))
+    result = _result(stream, "derpp", cfg,
+                     {"alpha": alpha, "beta": beta, "step": f"autograd ({DerppStep.reason})"})
+    for t, task in enumerate(stream):
+        t0 = time.perf_counter()
+        x, y, seen = task.x_train, task.y_train + stream.offsets[t], _seen(stream, t)
+        opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
+        replay, step = _generator(cfg, "derpp", _REPLAY, t), None
+        model.train()
+        with backbone_mode(model, cfg):
+            for k, idx in enumerate(_batches(len(y), cfg.batch_size, cfg.epochs,
+                                             _generator(cfg, "derpp", _BATCHES, t))):
+                b = len(idx)
+                xs, ys, target = [x[idx].float()], [y[idx]], None
+                if len(buf):
+                    j1, j2 = buf.sample(b, replay), buf.sample(b, replay)
+                    xs += [buf.x[j1].float(), buf.x[j2].float()]
+                    ys.append(buf.y[j2])
+                    target = buf.logits[j1].to(device)
+                m = len(xs[1]) if target is not None else 0
+                xb, yb = torch.cat(xs).to(device), torch.cat(ys).to(device)
+                off, ln = _rows(len(yb), 0, seen, device)
+                batch = {"labels": yb, "ce_offset": off, "ce_len": ln, "target_logits": target, "sizes": (b, m)}
+                if step is None:
+                    step = DerppStep(model, opt, cfg, xb, alpha, beta)
+                _, logits = step(xb, batch, _dropout(cfg, "derpp", t, k))
+                buf.add(x[idx], y[idx], logits.cpu())
+        model.eval()
+        clock.train_s += time.perf_counter() - t0
+        _evaluate_into(result, model, stream, t, cfg, clock)
+    result.timings = clock.timings()
+    return result
+
+
+# -- LwF ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _outputs(model, x: torch.Tensor) -> torch.Tensor:
+    return model(x)[0].float()
+
+
+def lwf(stream, cfg, model_fn, *, temperature: float = 2.0, kd_coef: float = 1.0, ce: str = "task") -> Result:
+    """Learning without Forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2018): on task t > 0 the loss
+    is the CE of the current minibatch plus ``kd_coef`` times the knowledge-distillation loss
+    (``task_masked_kd_loss``, temperature ``temperature``, scaled by its square) between the
+    model's and the previous model's logits over the old classes ``[0, offset of t)``. The
+    previous model is a frozen copy of the model after task t - 1, in eval mode, run on the
+    same minibatch (as recording its responses once: it is deterministic). ``ce="task"``: CE
+    over the current task's classes (the paper's loss on the new task); ``"seen"``: over all
+    classes seen so far. Defaults: temperature 2 and a loss balance of 1, the paper's."""
+    if ce not in ("task", "seen"):
+        raise ValueError(f"ce must be 'task' or 'seen', got {ce!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if isinstance(kd_coef, bool) or not isinstance(kd_coef, (int, float)) or not kd_coef >= 0:
+        raise ValueError(f"kd_coef must be a number >= 0, got {kd_coef!r}")
+    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+        return _lwf(stream, cfg, model_fn, float(temperature), float(kd_coef), ce)
+
+
+def _lwf(stream, cfg, model_fn, temperature, kd_coef, ce) -> Result:
+    clock, device = _Clock(), torch.device(cfg.device)
+    model = _new_model(stream, cfg, model_fn)
+    result = _result(stream, "lwf", cfg, {"temperature": temperature, "kd_coef": kd_coef, "ce": ce})
+    prev, steps = None, []
+    for t, task in enumerate(stream):
+        t0 = time.perf_counter()
+        x, y, old = task.x_train, task.y_train + stream.offsets[t], stream.offsets[t]
+        ce_range = (old, task.num_classes) if ce == "task" else (0, _seen(stream, t))
+        spec = LossSpec(kd_coef=kd_coef, kd_temperature=temperature) if prev is not None and kd_coef else LossSpec()
+        opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
+        step = None
+        model.train()
+        with backbone_mode(model, cfg):
+            for k, idx in enumerate(_batches(len(y), cfg.batch_size, cfg.epochs, _generator(cfg, "lwf", _BATCHES, t))):
+                xb = x[idx].float().to(device)
+                off, ln = _rows(len(idx), *ce_range, device)
+                batch = {"labels": y[idx].to(device), "ce_offset": off, "ce_len": ln}
+                if spec.kd_coef:
+                    batch["teacher_logits"] = _outputs(prev, xb)
+                    batch["kd_offset"], batch["kd_len"] = _rows(len(idx), 0, old, device)
+                if step is None:
+                    step = build_step(model, opt, spec, cfg, xb)
+                step(xb, batch, _dropout(cfg, "lwf", t, k))
+        model.eval()
+        steps.append(describe(step))
+        prev = copy.deepcopy(model).eval()
+        for p in prev.parameters():
+            p.requires_grad_(False)
+        clock.train_s += time.perf_counter() - t0
+        _evaluate_into(result, model, stream, t, cfg, clock)
+    result.config["baseline"]["steps"] = steps
+    result.timings = clock.timings()
+    return result
+
+
+# -- GDumb --------------------------------------------------------------------------------------
+
+def gdumb(stream, cfg, model_fn, *, epochs: int | None = None) -> Result:
+    """GDumb (Prabhu et al., ECCV 2020): the training samples of every task, in stream order,
+    go through the greedy class-balanced sampler (:class:`BalancedBuffer`) into a memory of
+    ``cfg.memory_size`` samples; after every task a fresh model (the same initial weights as
+    every method's with this seed) is trained from scratch on the memory alone (CE over the
+    classes seen so far) and evaluated. The training on the memory uses the consolidation
+    settings, BMC's phase of training on its memory: ``cfg.consolidation_epochs`` (or
+    ``epochs``), ``cfg.consolidation_lr`` and ``cfg.consolidation_batch_size``."""
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0):
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+        return _gdumb(stream, cfg, model_fn, cfg.consolidation_epochs if epochs is None else epochs)
+
+
+def _gdumb(stream, cfg, model_fn, epochs) -> Result:
+    clock = _Clock()
+    memory = BalancedBuffer(cfg.memory_size, stream.num_classes, _generator(cfg, "gdumb", _BUFFER))
+    result = _result(stream, "gdumb", cfg, {"epochs": epochs})
+    steps = []
+    for t, task in enumerate(stream):
+        t0 = time.perf_counter()
+        memory.add(task.x_train, task.y_train + stream.offsets[t])
+        model = _new_model(stream, cfg, model_fn)
+        n = len(memory)
+        off, ln = torch.zeros(n, dtype=torch.long), torch.full((n,), _seen(stream, t))
+        step = _train(model, memory.x[:n], memory.y[:n], off, ln, cfg, epochs, _KEY["gdumb"], _BATCHES, t,
+                      lr=cfg.consolidation_lr, batch_size=cfg.consolidation_batch_size)
+        steps.append(describe(step))
+        clock.train_s += time.perf_counter() - t0
+        _evaluate_into(result, model, stream, t, cfg, clock)
+    result.config["baseline"]["steps"] = steps
+    result.timings = clock.timings()
+    return result
+
+
+BASELINES = {"finetune": finetune, "joint": joint, "er": er, "derpp": derpp, "lwf": lwf, "gdumb": gdumb}
