@@ -36,17 +36,6 @@ def _checked(what: str, fn, *args, errors=_INPUT_ERRORS, **kwargs):
         raise UserError(f"{what}: {msg}") from None
 
 
-def _table(results) -> str:
-    rows = [("method", "final class-IL", "final task-IL", "forgetting", "BWT", "time s")]
-    for r in results:
-        t = sum(v for v in r.timings.values() if isinstance(v, (int, float)))
-        f = lambda v: "-" if v != v else f"{v:.3f}"  # noqa: E731
-        rows.append((r.method, f(r.final_cil_accuracy), f(r.final_til_accuracy), f(r.forgetting),
-                     f(r.backward_transfer), f"{t:.1f}"))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)
-
-
 def _check_device(device: str | None) -> None:
     if device is None:
         return
@@ -65,16 +54,16 @@ def _check_device(device: str | None) -> None:
             raise UserError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
 
 
-def _config(args):
+def _config(args, preset: str, seed: int):
     from .train import BMCConfig
 
     overrides = dict(n_experts=args.experts, epochs=args.epochs, consolidation_epochs=args.consolidation_epochs,
-                     stability=args.stability, device=args.device, seed=args.seed, parallel=args.parallel,
+                     stability=args.stability, device=args.device, seed=seed, parallel=args.parallel,
                      buffer_size=args.buffer_size, memory_size=args.memory_size,
                      progress=False if (args.quiet or args.json) else None)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return BMCConfig.preset(args.preset, **overrides)
+        return BMCConfig.preset(preset, **overrides)
     except (TypeError, ValueError) as exc:
         msg = str(exc)
         for field, option in _OPTION_OF.items():
@@ -82,12 +71,12 @@ def _config(args):
         raise UserError(msg) from None
 
 
-def _stream_loader(args):
+def _stream_loader(args, seed: int):
     """A function reading the task stream that ``args`` name (run on every rank when distributed)."""
     from .data import demo_stream, load_features
 
     if not args.features:
-        return lambda: demo_stream(seed=args.seed)
+        return lambda: demo_stream(seed=seed)
 
     def load():
         folder = args.features
@@ -102,79 +91,173 @@ def _stream_loader(args):
     return load
 
 
+# What --methods accepts: the two BMC presets, then the baselines of bmc_fast.train.baselines.
+_BMC_METHODS = {"bmc": "paper", "parity": "parity"}
+_RESULT_NAME = {"bmc": "bmc", "parity": "bmc-parity"}
+
+
+def _methods(args) -> list[str]:
+    from .train.baselines import BASELINES
+
+    if args.methods is None:
+        names = ["parity" if args.preset == "parity" else "bmc", "finetune", "joint"]
+    else:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = list(_BMC_METHODS) + list(BASELINES)
+    bad = [m for m in names if m not in known]
+    if bad or not names:
+        raise UserError(f"--methods: unknown method {bad[0] if bad else '(none given)'!r}; choose from {', '.join(known)}")
+    if args.no_baselines:
+        names = [m for m in names if m in _BMC_METHODS]
+    if args.distributed and any(m not in _BMC_METHODS for m in names) and args.methods is not None:
+        raise UserError("--distributed runs the BMC methods (bmc, parity) only; run the baselines without it")
+    if args.distributed:
+        names = [m for m in names if m in _BMC_METHODS]
+    return list(dict.fromkeys(names))
+
+
+def _summary_table(runs: dict) -> str:
+    """The results table; with several seeds each figure is mean ± std over the seeds."""
+    import numpy as np
+
+    rows = [("method", "final class-IL", "final task-IL", "forgetting", "BWT", "time s")]
+    for method, results in runs.items():
+        def fig(get, digits=3):
+            vals = np.array([get(r) for r in results], dtype=float)
+            if np.isnan(vals).all():
+                return "-"
+            m = float(np.nanmean(vals))
+            return f"{m:.{digits}f}" if len(vals) == 1 else f"{m:.{digits}f} ± {float(np.nanstd(vals)):.{digits}f}"
+        rows.append((method, fig(lambda r: r.final_cil_accuracy), fig(lambda r: r.final_til_accuracy),
+                     fig(lambda r: r.forgetting), fig(lambda r: r.backward_transfer),
+                     fig(lambda r: sum(v for k, v in r.timings.items() if k != "total_s" and isinstance(v, (int, float)))
+                         or r.timings.get("total_s", float("nan")), 1)))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
 def _run(args) -> int:
     if args.resume and not args.checkpoint_dir:
         raise UserError("--resume needs --checkpoint-dir (the folder the checkpoints were written to)")
     _check_device(args.device)
-    cfg = _config(args)
-    load = _stream_loader(args)
+    methods = _methods(args)
+    seeds = args.seeds if args.seeds else [args.seed]
+    if len(seeds) > 1 and args.checkpoint_dir:
+        raise UserError("--checkpoint-dir takes one run: give one seed (--seed) with it")
+    for m in methods:  # every configuration is valid before anything trains
+        _config(args, _BMC_METHODS.get(m, args.preset), seeds[0])
     from .train import BMC
-    from .train.baselines import finetune, joint
+    from .train.baselines import BASELINES
 
-    if args.distributed:
-        from .train.distributed import DistributedError, exit_after_failure, init_from_env, load_on_every_rank
-
-        try:
-            init_from_env(timeout_s=args.timeout)
-            stream = load_on_every_rank(load)
-        except DistributedError as exc:
-            print(f"bmc-fast: {exc}", file=sys.stderr)
-            exit_after_failure(3)
-    else:
-        stream = load()
-    out = args.out
-    _checked(f"--out {out}", os.makedirs, out, exist_ok=True, errors=(OSError,))
+    other_rank = args.distributed and os.environ.get("RANK", "0") != "0"
 
     def emit(record):
         if args.json:
             print(json.dumps(record), flush=True)
 
-    other_rank = args.distributed and os.environ.get("RANK", "0") != "0"
-
     def say(msg):  # progress lines: not with --quiet
         if not (args.json or args.quiet or other_rank):
             print(msg, flush=True)
 
-    say(f"bmc_fast: {len(stream)} tasks, {stream.num_classes} classes, input dim {stream.input_dim}, "
-        f"preset {args.preset}, {cfg.n_experts} experts ({cfg.parallel}), device {cfg.device}")
-    t0 = time.perf_counter()
-    bmc = BMC(cfg)
     if args.distributed:
-        from .train.distributed import DistributedError, exit_after_failure, finish, fit_distributed
+        from .train.distributed import DistributedError, exit_after_failure, init_from_env
 
-        rank = int(os.environ.get("RANK", "0"))
         try:
-            res = fit_distributed(bmc, stream, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                                  events=emit if rank == 0 else None)
+            init_from_env(timeout_s=args.timeout)
         except DistributedError as exc:
             print(f"bmc-fast: {exc}", file=sys.stderr)
             exit_after_failure(3)
-        if rank != 0:
-            finish(0)  # ends the process (the gloo teardown can abort one that finished its work)
-    else:
-        res = bmc.fit(stream, checkpoint_dir=args.checkpoint_dir, resume=args.resume, events=emit)
-    res.method = "bmc" if args.preset == "paper" else "bmc-parity"
-    say(f"BMC done in {time.perf_counter() - t0:.1f} s")
-    results = [res]
-    model_fn = bmc.model_fn
-    if not args.no_baselines:
-        results.append(finetune(stream, cfg, model_fn))
-        results.append(joint(stream, cfg, model_fn))
-    for r in results:
-        r.save(os.path.join(out, f"{r.method}.json"))
-        emit({"event": "result", **r.summary()})
+    first_stream = _load_stream(args, seeds[0])  # a bad --features is refused before anything is written
+    out = args.out
+    _checked(f"--out {out}", os.makedirs, out, exist_ok=True, errors=(OSError,))
+    runs = {}
+    first = {}
+    for seed in seeds:
+        stream = first_stream if seed == seeds[0] else _load_stream(args, seed)
+        say(f"bmc_fast: {len(stream)} tasks, {stream.num_classes} classes, input dim {stream.input_dim}, "
+            f"seed {seed}, methods {', '.join(methods)}")
+        for m in methods:
+            cfg = _config(args, _BMC_METHODS.get(m, args.preset), seed)
+            t0 = time.perf_counter()
+            if m in _BMC_METHODS:
+                bmc = BMC(cfg)
+                res = _fit_bmc(args, bmc, stream, emit)
+                if res is None:  # another rank of a distributed run
+                    continue
+                res.method = _RESULT_NAME[m]
+                model_fn = bmc.model_fn
+            else:
+                model_fn = BMC(cfg).model_fn
+                res = BASELINES[m](stream, cfg, model_fn)
+            say(f"{res.method} (seed {seed}) done in {time.perf_counter() - t0:.1f} s")
+            name = res.method if len(seeds) == 1 else f"{res.method}-seed{seed}"
+            res.save(os.path.join(out, f"{name}.json"))
+            emit({"event": "result", "seed": seed, **res.summary()})
+            runs.setdefault(res.method, []).append(res)
+            first.setdefault(res.method, res)
+    if other_rank:
+        from .train.distributed import finish
+
+        finish(0)  # ends the process (the gloo teardown can abort one that finished its work)
+    if len(seeds) > 1:
+        import numpy as np
+
+        summary = {m: {"seeds": seeds, **{k: [r.summary()[k] for r in rs] for k in rs[0].summary() if k != "method"}}
+                   for m, rs in runs.items()}
+        for m in summary:
+            for k in [k for k in summary[m] if k != "seeds"]:
+                vals = np.array(summary[m][k], dtype=float)
+                summary[m][k] = {"mean": float(np.nanmean(vals)) if not np.isnan(vals).all() else None,
+                                 "std": float(np.nanstd(vals)) if not np.isnan(vals).all() else None,
+                                 "values": [None if v != v else float(v) for v in vals]}
+        from ._io import atomic_write_bytes
+
+        atomic_write_bytes(os.path.join(out, "summary.json"), json.dumps(summary, indent=1).encode())
     plot = None
-    try:  # named like the result it shows: bmc.png, bmc-parity.png
-        plot = res.plot(os.path.join(out, f"{res.method}.png"), others={r.method: r for r in results[1:2]})
-    except ImportError:
-        say("(matplotlib is not installed: no plot)")
-    if not (args.json or other_rank):  # the results: printed with --quiet too
+    main_res = next((first[_RESULT_NAME[m]] for m in methods if m in _BMC_METHODS and _RESULT_NAME[m] in first),
+                    next(iter(first.values()), None))
+    if main_res is not None:
+        try:  # named like the result it shows: bmc.png, bmc-parity.png
+            plot = main_res.plot(os.path.join(out, f"{main_res.method}.png"),
+                                 others={k: v for k, v in first.items() if k != main_res.method})
+        except ImportError:
+            say("(matplotlib is not installed: no plot)")
+    if not args.json:  # the results: printed with --quiet too
         say("")
-        print(_table(results))
+        print(_summary_table(runs))
         print(f"results written to {out}/" + (f" (plot: {plot})" if plot else ""), flush=True)
     if args.distributed:
+        from .train.distributed import finish
+
         finish(0)
     return 0
+
+
+def _load_stream(args, seed):
+    load = _stream_loader(args, seed)
+    if not args.distributed:
+        return load()
+    from .train.distributed import DistributedError, exit_after_failure, load_on_every_rank
+
+    try:
+        return load_on_every_rank(load)
+    except DistributedError as exc:
+        print(f"bmc-fast: {exc}", file=sys.stderr)
+        exit_after_failure(3)
+
+
+def _fit_bmc(args, bmc, stream, emit):
+    if not args.distributed:
+        return bmc.fit(stream, checkpoint_dir=args.checkpoint_dir, resume=args.resume, events=emit)
+    from .train.distributed import DistributedError, exit_after_failure, fit_distributed
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return fit_distributed(bmc, stream, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                               events=emit if rank == 0 else None)
+    except DistributedError as exc:
+        print(f"bmc-fast: {exc}", file=sys.stderr)
+        exit_after_failure(3)
 
 
 def _convert(args) -> int:
@@ -268,8 +351,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from the checkpoint in --checkpoint-dir (same options and data)")
     r.add_argument("--out", default="bmc_out", metavar="DIR",
                    help="folder for the results (<method>.json) and the plot (<method>.png)")
+    r.add_argument("--methods", metavar="M,M,...",
+                   help="methods to run, compared in one table: bmc (the paper preset), parity (the public code's "
+                        "recipe), er, derpp, lwf, gdumb, finetune, joint (default: the --preset's BMC, finetune, "
+                        "joint)")
+    r.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="run every method with each seed and report mean ± std (writes <method>-seed<S>.json "
+                        "and summary.json; default: --seed)")
     r.add_argument("--no-baselines", action="store_true",
-                   help="skip the comparison runs (sequential fine-tuning and joint training)")
+                   help="run only the BMC methods (no fine-tuning, joint or other baselines)")
     r.add_argument("--distributed", action="store_true",
                    help="run under torchrun: experts on every rank, consolidation on rank 0")
     r.add_argument("--timeout", type=float, default=600.0, metavar="S",

@@ -124,3 +124,26 @@ def test_convert_autods_takes_the_only_feature_set(tmp_path):
     p = bmc_fast("convert-autods", root, tmp_path / "c", "--feats-name", "clip", "--quiet")
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "c" / "index.json").read_text())["feats_name"] == "clip"
+
+
+def test_methods_and_seeds_make_one_table_with_mean_and_std(tmp_path):
+    out = tmp_path / "out"
+    p = bmc_fast("run", "--quiet", "--out", out, "--epochs", "1", "--consolidation-epochs", "1", "--experts", "5",
+                 "--methods", "bmc,er,gdumb,finetune", "--seeds", "0", "1")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:5]] == ["bmc", "er", "gdumb", "finetune"]
+    assert all("±" in line for line in lines[1:5])
+    files = sorted(os.listdir(out))
+    assert {f"{m}-seed{s}.json" for m in ("bmc", "er", "gdumb", "finetune") for s in (0, 1)} <= set(files)
+    summary = json.loads((out / "summary.json").read_text())
+    er = summary["er"]["final_cil_accuracy"]
+    assert summary["er"]["seeds"] == [0, 1] and len(er["values"]) == 2
+    assert er["mean"] == pytest.approx(sum(er["values"]) / 2)
+    with open(out / "er-seed1.json") as f:
+        assert json.load(f)["method"] == "er"
+
+
+def test_an_unknown_method_is_a_one_line_error(tmp_path):
+    assert_one_line_error(bmc_fast("run", "--methods", "bmc,xyz", "--out", tmp_path / "o"), "--methods", "'xyz'",
+                          "derpp")
