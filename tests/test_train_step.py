@@ -230,7 +230,7 @@ def test_a_missing_batch_tensor_is_named_and_changes_nothing(term, key):
     before = {n: t.clone() for n, t in m.state_dict().items()}
     count = int(opt._caches[0].count)
     for batch in ({k: v for k, v in full.items() if k != key}, {**full, key: None}):
-        with pytest.raises(ValueError, match=f"batch must hold '{key}'"):
+        with pytest.raises(ValueError, match=rf"the step's loss terms need batch\['{key}'\]"):
             step(x, batch)
     assert int(opt._caches[0].count) == count
     for n, t in m.state_dict().items():
@@ -345,7 +345,7 @@ def test_the_raw_class_names_bad_arguments():
     batch = dict(labels=y, ce_offset=off, ce_len=ln)
     hyper = [1e-3, 0.9, 0.999, 0.0, 1e-8]
     before = [t.clone() for t in w + rm]
-    with pytest.raises(ValueError, match=r"batch must hold 'buffer_id' for the distillation term \(distill_coef = 2.5\)"):
+    with pytest.raises(ValueError, match=r"need batch\['buffer_id'\] \(the distillation term, distill_coef = 2.5\)"):
         step.step(x, {**batch, "teacher_features": torch.randn(8, 16)}, distill, [1, 2], 0, 0.1, hyper, 1)
     with pytest.raises(ValueError, match="batch has an unknown key 'lables'"):
         step.step(x, {**batch, "lables": y}, ce, [1, 2], 0, 0.1, hyper, 1)

@@ -62,11 +62,12 @@ StepBatch batch_for(const c10::Dict<std::string, at::Tensor>& batch, const StepL
   }
   const auto get = [&](const char* key, const char* term, const char* coef_name, double coef) {
     const auto it = batch.find(key);
+    // The autograd step's message (bmc_fast/train/step.py), with the term that needs the tensor.
     if (coef_name == nullptr) {
-      TORCH_CHECK_VALUE(it != batch.end(), "batch must hold '", key, "' for the ", term, " term");
+      TORCH_CHECK_VALUE(it != batch.end(), "the step's loss terms need batch['", key, "'] (the ", term, " term)");
     } else {
-      TORCH_CHECK_VALUE(it != batch.end(), "batch must hold '", key, "' for the ", term, " term (", coef_name, " = ",
-                        coef, ")");
+      TORCH_CHECK_VALUE(it != batch.end(), "the step's loss terms need batch['", key, "'] (the ", term, " term, ",
+                        coef_name, " = ", coef, ")");
     }
     return it->value();
   };
