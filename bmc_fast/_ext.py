@@ -1,7 +1,10 @@
 """Loads the compiled extension ``bmc_fast._C`` and decides, per call, kernel or reference.
 
-Never imported by the Python-only modules (data, buffers, experts, trainer), so those work
-without a compiled extension.
+``import bmc_fast`` imports it first (so that ``torch.ops.bmc_fast`` exists before any op
+wrapper registers its fake kernel), and the op wrappers, the backbone's fused paths and the
+expert trainer read :data:`HAVE_EXTENSION` from it. A missing or mismatched ``_C`` is not an
+import error (unless ``BMC_FAST_REQUIRE_EXTENSION=1``): it warns once, every op runs its
+pure-PyTorch reference, and the fused paths report themselves unavailable.
 """
 from __future__ import annotations
 

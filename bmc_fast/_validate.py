@@ -280,9 +280,11 @@ def bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, p
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
 
-def resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p, seeds):
+def resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p, seeds,
+                first_model=0):
     """A ResMLP's tensors for resmlp(): x [B, I] (weights [O, I]) or [K, B, I] (weights [K, O, I]);
-    proj, (fc1, fc2, short) per block, head; widths chained; returns the number of blocks."""
+    proj, (fc1, fc2, short) per block, head; widths chained; first_model an integer >= 0; returns
+    the number of blocks."""
     x = floating(x, "x")
     if x.dim() not in (2, 3):
         raise ValueError(f"x must have shape [B, I] or [K, B, I], got {list(x.shape)}")
@@ -346,4 +348,6 @@ def resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, runnin
     if seeds is not None and (not isinstance(seeds, (list, tuple)) or len(seeds) != nb
                               or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds)):
         raise ValueError(f"seeds must be a list of {nb} integers (one per block), got {seeds!r}")
+    if isinstance(first_model, bool) or not isinstance(first_model, numbers.Integral) or first_model < 0:
+        raise ValueError(f"first_model must be an integer >= 0, got {first_model!r}")
     return nb

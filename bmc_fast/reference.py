@@ -164,11 +164,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def dropout_keep_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
+def dropout_keep_mask(seed: int, shape, p: float, device=None, offset: int = 0) -> torch.Tensor:
     """The keep mask of bn_relu_dropout's dropout (csrc/common/dropout_hash.h): element i (row-major
-    index) is kept when the 24-bit hash of (seed, i) is >= round(p * 2^24)."""
+    index) is kept when the 24-bit hash of (seed, offset + i) is >= round(p * 2^24)."""
     n = math.prod(shape)
-    i = torch.arange(n, dtype=torch.int64, device=device)
+    i = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     h = _mix32(_mix32((i & _M32) ^ k0) ^ (((i >> 32) + k1) & _M32)) >> 8
     return (h >= int(p * 16777216.0 + 0.5)).view(tuple(shape))
@@ -177,10 +177,17 @@ def dropout_keep_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
 def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=None, pre_biases=None,
                     momentum=0.1, eps=1e-5, p=0.0, seed=0):
     v.bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p)
+    return _bn_relu_dropout(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p, seed)
+
+
+def _bn_relu_dropout(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p, seed,
+                     first_model=0):
+    """bn_relu_dropout after its checks; the dropout counters of model k start at
+    (first_model + k) * B * C (as resmlp's first_model)."""
     if inputs[0].dim() == 2:  # one model's [B, C]: the stacked form with K = 1
         lists = [[t[None] for t in lst] if lst else lst for lst in (inputs, weights, biases, running_means,
                                                                      running_vars, pre_biases)]
-        return bn_relu_dropout(*lists, momentum, eps, p, seed)[0]
+        return _bn_relu_dropout(*lists, momentum, eps, p, seed, first_model)[0]
     acc = _acc(inputs[0])
     b = inputs[0].shape[1]
     z = 0
@@ -195,17 +202,19 @@ def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=No
                 running_means[i].mul_(1 - momentum).add_((momentum * m).to(running_means[i].dtype))
                 running_vars[i].mul_(1 - momentum).add_((momentum * var[:, 0] * b / (b - 1)).to(running_vars[i].dtype))
     out = torch.relu(z)
-    keep = dropout_keep_mask(int(seed), out.shape, p, out.device)
+    keep = dropout_keep_mask(int(seed), out.shape, p, out.device, offset=first_model * out.shape[1] * out.shape[2])
     out = out * (keep.to(acc) / (1 - p))
     return out.to(inputs[0].dtype)
 
 
 def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, running_vars=None, momentum=0.1, eps=1e-5,
-           p=None, seeds=None):
+           p=None, seeds=None, first_model=0):
     """Training-mode ResMLP forward from Linear layers and :func:`bn_relu_dropout` (see
-    :func:`bmc_fast.ops.resmlp`); seeds default to 0 (no dropout mask is drawn here)."""
+    :func:`bmc_fast.ops.resmlp`); seeds default to 0 (no dropout mask is drawn here). Model k
+    draws the dropout masks of model ``first_model + k``."""
     nb = v.resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p,
-                       seeds)
+                       seeds, first_model)
+    first_model = int(first_model)
     p = list(p) if p is not None else [0.0] * nb
     seeds = list(seeds) if seeds is not None else [0] * nb
 
@@ -218,10 +227,11 @@ def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, runnin
         i, j = 1 + 3 * b, 3 * b
         stats = lambda *k: ([running_means[j + n] for n in k] if running_means else None,  # noqa: E731
                             [running_vars[j + n] for n in k] if running_vars else None)
-        r = bn_relu_dropout([linear(h, weights[i])], [bn_weights[j]], [bn_biases[j]], *stats(0), [biases[i]],
-                            momentum, eps, 0.0, 0)
-        h = bn_relu_dropout([linear(r, weights[i + 1]), linear(h, weights[i + 2])], bn_weights[j + 1:j + 3],
-                            bn_biases[j + 1:j + 3], *stats(1, 2), biases[i + 1:i + 3], momentum, eps, p[b], seeds[b])
+        r = _bn_relu_dropout([linear(h, weights[i])], [bn_weights[j]], [bn_biases[j]], *stats(0), [biases[i]],
+                             momentum, eps, 0.0, 0)
+        h = _bn_relu_dropout([linear(r, weights[i + 1]), linear(h, weights[i + 2])], bn_weights[j + 1:j + 3],
+                             bn_biases[j + 1:j + 3], *stats(1, 2), biases[i + 1:i + 3], momentum, eps, p[b], seeds[b],
+                             first_model)
     return linear(h, weights[-1], biases[-1]), h
 
 

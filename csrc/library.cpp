@@ -1,5 +1,6 @@
-// All bmc_fast operator schemas. Kernels register per backend in csrc/cpu/<op>.cpp and
-// csrc/cuda/<op>.cu; fake kernels and autograd live in bmc_fast/ops/<op>.py.
+// All bmc_fast operator schemas and custom classes. Kernels register per backend in
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake kernels and autograd live in
+// bmc_fast/ops/<op>.py.
 //
 // Conventions shared by every op:
 // * Inputs may be float32, float16, bfloat16 or float64; accumulation is float32 (float64 for
@@ -13,7 +14,14 @@
 //   result has the same bits for any thread count and run after run.
 // * Data-dependent argument checks (ids, labels, ranges, finiteness of weights) are done here,
 //   in the kernels, and raise ValueError naming the argument.
+#include <torch/custom_class.h>
 #include <torch/library.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu/resmlp_train_step.h"
 
 TORCH_LIBRARY(bmc_fast, m) {
   m.set_python_module("bmc_fast.ops");
@@ -82,18 +90,21 @@ TORCH_LIBRARY(bmc_fast, m) {
       "bn_relu_dropout_backward(Tensor grad_out, Tensor mask, Tensor[] xhats, Tensor[] invstds, "
       "Tensor[] weights, float p) -> (Tensor[] grad_inputs, Tensor[] grad_weights, Tensor[] grad_biases)");
 
-  // The training-mode forward of a (stacked) ResMLP (bmc_fast/models.py) in one call: x [B, I]
-  // with weights [O, I], or K stacked models: x [K, B, I] with weights [K, O, I] (biases and
-  // per-channel tensors [O] / [K, O]). weights and biases: proj, (fc1, fc2, short) per block,
+  // The training-mode forward of a (stacked) ResMLP (bmc_fast/backbone/resmlp.py) in one call:
+  // x [B, I] with weights [O, I], or K stacked models: x [K, B, I] with weights [K, O, I] (biases
+  // and per-channel tensors [O] / [K, O]). weights and biases: proj, (fc1, fc2, short) per block,
   // head; bn_weights, bn_biases: (bn1, bn2, bn_s) per block; p and seeds: one per block (the
-  // dropout after the block, as bn_relu_dropout). Returns the logits, the features (the last
-  // block's output), the tensors the backward needs, and per BatchNorm (bn1, bn2, bn_s per block)
-  // the batch means (+ the Linear bias) and unbiased variances to blend into the running
-  // statistics; the op itself is functional.
+  // dropout after the block, as bn_relu_dropout). Dropout is keyed by model: model k (0 for one
+  // model) draws the masks of model first_model + k: the dropout counters of its [B, C] block
+  // output start at (first_model + k) * B * C, so a slice of a stack run with first_model = the
+  // index of its first model gets the masks the whole stack gets. Returns the logits, the features (the last block's
+  // output), the tensors the backward needs, and per BatchNorm (bn1, bn2, bn_s per block) the
+  // batch means (+ the Linear bias) and unbiased variances to blend into the running statistics;
+  // the op itself is functional.
   m.def(
       "resmlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] bn_weights, Tensor[] bn_biases, "
-      "float eps, float[] p, int[] seeds) -> (Tensor logits, Tensor features, Tensor[] saved, Tensor[] means, "
-      "Tensor[] vars)");
+      "float eps, float[] p, int[] seeds, int first_model=0) -> (Tensor logits, Tensor features, Tensor[] saved, "
+      "Tensor[] means, Tensor[] vars)");
 
   // Gradients of resmlp_forward's logits and features (either may be None) with respect to
   // weights, biases (the Linear biases before a BatchNorm get exact zeros), bn_weights,
@@ -110,4 +121,36 @@ TORCH_LIBRARY(bmc_fast, m) {
   m.def(
       "adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "float lr, float beta1, float beta2, float weight_decay, float eps, int step) -> ()");
+
+  // The one-call training step of the fused ResMLP on the CPU (csrc/cpu/resmlp_train_step.h;
+  // bmc_fast/backbone/train_step.py builds and calls them). StepLoss: the loss terms, every field
+  // checked at construction and readable as an attribute.
+  using bmc_fast::cpu::ResMLPTrainStep;
+  using bmc_fast::cpu::StepLoss;
+  m.class_<StepLoss>("StepLoss")
+      .def(torch::init<double, std::string, double, int64_t, double, double, double>(), "",
+           {torch::arg("ce_scale"), torch::arg("ce_reduction"), torch::arg("distill_coef"), torch::arg("num_buffers"),
+            torch::arg("stability_coef"), torch::arg("kd_coef"), torch::arg("kd_temperature")})
+      .def_readonly("ce_scale", &StepLoss::ce_scale)
+      .def_readonly("ce_reduction", &StepLoss::ce_reduction)
+      .def_readonly("distill_coef", &StepLoss::distill_coef)
+      .def_readonly("num_buffers", &StepLoss::num_buffers)
+      .def_readonly("stability_coef", &StepLoss::stability_coef)
+      .def_readonly("kd_coef", &StepLoss::kd_coef)
+      .def_readonly("kd_temperature", &StepLoss::kd_temperature);
+  // ResMLPTrainStep(weights, biases, bn_weights, bn_biases, running_means, running_vars, tracked,
+  // exp_avgs, exp_avg_sqs, eps, p); step(x, batch, loss, seeds, first_model, momentum, adamw,
+  // step_count) -> loss; set_split(on).
+  using TensorVec = std::vector<at::Tensor>;
+  m.class_<ResMLPTrainStep>("ResMLPTrainStep")
+      .def(torch::init<TensorVec, TensorVec, TensorVec, TensorVec, TensorVec, TensorVec, TensorVec, TensorVec,
+                       TensorVec, double, std::vector<double>>(),
+           "",
+           {torch::arg("weights"), torch::arg("biases"), torch::arg("bn_weights"), torch::arg("bn_biases"),
+            torch::arg("running_means"), torch::arg("running_vars"), torch::arg("tracked"), torch::arg("exp_avgs"),
+            torch::arg("exp_avg_sqs"), torch::arg("eps"), torch::arg("p")})
+      .def("step", &ResMLPTrainStep::step, "",
+           {torch::arg("x"), torch::arg("batch"), torch::arg("loss"), torch::arg("seeds"), torch::arg("first_model"),
+            torch::arg("momentum"), torch::arg("adamw"), torch::arg("step_count")})
+      .def("set_split", &ResMLPTrainStep::set_split);
 }

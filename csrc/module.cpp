@@ -6,6 +6,9 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu/cpu_dispatch.h"
+#include "cpu/matmul_choice.h"
+
 #ifndef BMC_FAST_CUDA_VERSION
 #define BMC_FAST_CUDA_VERSION ""
 #endif
@@ -15,13 +18,6 @@
 #ifndef BMC_FAST_TORCH_VERSION
 #define BMC_FAST_TORCH_VERSION ""
 #endif
-
-namespace bmc_fast::cpu {
-const char* cpu_capability();
-bool onednn_matmul();
-void set_cpu_matmul(const std::string& mode);
-int64_t onednn_min_macs();
-}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "bmc_fast compiled kernels (operators live in torch.ops.bmc_fast)";

@@ -130,6 +130,72 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(f, (x, *w, *bs, *bw, *bb))
 
 
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("k", [None, 3])
+def test_first_model_matches_reference(dtype, k):
+    # Model j draws the dropout masks of model first_model + j: values and gradients as the
+    # reference's, whose mask counters start at (first_model + j) * B * C.
+    x, w, bs, bw, bb, _, _ = make(k, 16, (20, 12, 24, 24, 7), dtype)
+    ps, seeds = [0.4, 0.4], [21, 22]
+    out = resmlp(x, w, bs, bw, bb, p=ps, seeds=seeds, first_model=4)
+    ref = reference.resmlp(x, w, bs, bw, bb, p=ps, seeds=seeds, first_model=4)
+    ref0 = reference.resmlp(x, w, bs, bw, bb, p=ps, seeds=seeds)
+    assert not torch.allclose(ref[1], ref0[1])  # first_model changes the masks
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for a, r in zip(out, ref):
+        torch.testing.assert_close(a, r, **tol)
+    gl, gf = torch.randn_like(out[0]), torch.randn_like(out[1])
+    params = [x] + w + bw + bb
+    got = torch.autograd.grad((out[0] * gl).sum() + (out[1] * gf).sum(), params)
+    want = torch.autograd.grad((ref[0] * gl).sum() + (ref[1] * gf).sum(), params)
+    scale = 1e-6 if dtype == torch.float32 else 1e-12
+    for i, (a, r) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, r, rtol=tol["rtol"], atol=tol["atol"] + scale * r.abs().max().item(),
+                                   msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
+def test_model_k_of_a_stack_gets_the_masks_of_model_first_model_plus_k():
+    # The masks are keyed by the model index, not the stack slot: model j of a stack run with
+    # first_model=f has the dropout masks of that model alone run with first_model=f + j.
+    k, f = 3, 2
+    x, w, bs, bw, bb, _, _ = make(k, 16, (20, 12, 24, 24, 7), grad=False)
+    args = (1e-5, [0.5, 0.5], [31, 32])
+    _, feats, saved, _, _ = OP(x, w, bs, bw, bb, *args, f)
+    masks = [saved[10 * b + 5] for b in range(2)]  # the dropout masks (layout: csrc/cpu/resmlp.cpp)
+    for j in range(k):
+        one = lambda lst: [t[j] for t in lst]  # noqa: E731
+        _, feats_j, saved_j, _, _ = OP(x[j], one(w), one(bs), one(bw), one(bb), *args, f + j)
+        for b in range(2):
+            assert torch.equal(masks[b][j], saved_j[10 * b + 5]), (j, b)
+        torch.testing.assert_close(feats[j], feats_j, rtol=1e-5, atol=1e-6)
+        _, _, saved_0, _, _ = OP(x[j], one(w), one(bs), one(bw), one(bb), *args, 0)
+        if j + f != 0:
+            assert not torch.equal(masks[1][j], saved_0[10 + 5])
+
+
+def test_resmlp_train_forward_keys_dropout_by_first_model():
+    # The fused ResMLP path (bmc_fast.backbone.resmlp_train_forward) over a stack with
+    # first_model=f gives model j what one model gets with first_model=f + j.
+    from bmc_fast.backbone import fused_args, resmlp_train_forward
+
+    torch.manual_seed(2)
+    members = [ResMLP(20, 5, hidden=8, width=16, dropout=0.5).train() for _ in range(3)]
+    params, buffers = stack_module_state([copy.deepcopy(m) for m in members])
+    x = torch.randn(3, 10, 20)
+    logits, feats = resmlp_train_forward(members[0], fused_args(members[0], params, buffers), x, seeds=[3, 4],
+                                         first_model=6)
+    for j, m in enumerate(members):
+        lj, fj = resmlp_train_forward(m, fused_args(m), x[j], seeds=[3, 4], first_model=6 + j)
+        torch.testing.assert_close(logits[j], lj, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(feats[j], fj, rtol=1e-5, atol=1e-6)
+        for name, b in m.named_buffers():
+            torch.testing.assert_close(buffers[name][j].to(b.dtype), b, rtol=1e-5, atol=1e-6, msg=name)
+    _, f0 = resmlp_train_forward(members[1], fused_args(members[1]), x[1], seeds=[3, 4])
+    assert not torch.allclose(f0, feats[1], rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="first_model must be >= 0"):
+        resmlp_train_forward(members[0], fused_args(members[0]), x[0], seeds=[3, 4], first_model=-1)
+
+
 def test_seeds_are_drawn_from_torch_generator():
     x, w, bs, bw, bb, _, _ = make(None, 32, (6, 5, 8, 8, 3), grad=False)
     torch.manual_seed(7)
@@ -161,11 +227,13 @@ def test_half_dtypes_run_the_reference(dtype):
     assert out[0].dtype == dtype and torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
-def test_opcheck():
+@pytest.mark.parametrize("first_model", [None, 0, 3])
+def test_opcheck(first_model):
     x, w, bs, bw, bb, _, _ = make(2, 6, (5, 4, 8, 3), grad=False)
-    args = (x, w, bs, bw, bb, 1e-5, [0.3], [11])
+    fm = () if first_model is None else (first_model,)
+    args = (x, w, bs, bw, bb, 1e-5, [0.3], [11], *fm)
     torch.library.opcheck(OP, args)
-    grad_args = (x, [t.clone().requires_grad_(True) for t in w], bs, bw, bb, 1e-5, [0.3], [11])
+    grad_args = (x, [t.clone().requires_grad_(True) for t in w], bs, bw, bb, 1e-5, [0.3], [11], *fm)
     torch.library.opcheck(OP, grad_args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     logits, feats, saved, _, _ = OP(*args)
     torch.library.opcheck(BACKWARD, (torch.randn_like(logits), torch.randn_like(feats), x, feats, w, bw, saved, [0.3],
@@ -173,12 +241,13 @@ def test_opcheck():
     torch.library.opcheck(BACKWARD, (None, torch.randn_like(feats), x, feats, w, bw, saved, [0.3], False))
 
 
-def test_compile_the_public_function():
+@pytest.mark.parametrize("first_model", [0, 2])
+def test_compile_the_public_function(first_model):
     x, w, bs, bw, bb, rm, rv = make(None, 10, (6, 5, 8, 3))
     rm2, rv2 = [t.clone() for t in rm], [t.clone() for t in rv]
 
     def f(x, w, bs, bw, bb, rm, rv):
-        logits, feats = resmlp(x, w, bs, bw, bb, rm, rv, p=[0.2], seeds=[5])
+        logits, feats = resmlp(x, w, bs, bw, bb, rm, rv, p=[0.2], seeds=[5], first_model=first_model)
         return logits.sum() + feats.square().sum()
 
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, bs, bw, bb, rm, rv)
@@ -217,6 +286,9 @@ def _bad_cases():
         (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], p=[1.0]), ValueError, "p must hold"),
         (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], p=0.1), ValueError, "p must be a list of 1"),
         (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], seeds=[1.5]), ValueError, "seeds must be"),
+        (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], first_model=-1), ValueError, "first_model must be"),
+        (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], first_model=1.0), ValueError, "first_model must be"),
+        (lambda: reference.resmlp(*make(2, 4, (6, 5, 8, 3))[:5], first_model=-2), ValueError, "first_model must be"),
         (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], eps=0.0), ValueError, "eps must be"),
         (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:5], momentum=-1), ValueError, "momentum must be"),
         (lambda: resmlp(*make(2, 4, (6, 5, 8, 3))[:6]), ValueError, "running_vars"),
@@ -227,6 +299,7 @@ def _bad_cases():
         (raw(lambda a: a.__setitem__(3, a[3][:2])), ValueError, "bn_weights must hold 3"),
         (raw(lambda a: a[1].__setitem__(4, a[1][4][..., :2])), ValueError, r"weights\[4\] must have shape"),
         (raw(lambda a: a.__setitem__(0, a[0].half())), TypeError, "float32 or float64"),
+        (raw(lambda a: a.append(-1)), ValueError, "first_model must be >= 0"),
     ]
 
 

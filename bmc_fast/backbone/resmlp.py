@@ -207,7 +207,8 @@ def resmlp_train_forward(model: ResMLP, args: tuple, x: torch.Tensor, seeds: lis
     p = [float(model.block1.drop.p), float(model.block2.drop.p)]
     if seeds is None:
         seeds = [new_seed() if v > 0 else 0 for v in p]
-    logits, h = resmlp_unchecked(x, weights, biases, bn_w, bn_b, rmean, rvar, momentum, float(bn0.eps), p, seeds)
+    logits, h = resmlp_unchecked(x, weights, biases, bn_w, bn_b, rmean, rvar, momentum, float(bn0.eps), p, list(seeds),
+                                 int(first_model))
     with torch.no_grad():
         torch._foreach_add_(tracked, 1)
     return logits, h

@@ -4,8 +4,9 @@ The trainer's steps on the CPU are small (64 rows): besides the fused kernels, a
 autograd paid ~1.3 ms of Python and engine work on a 2 GHz core (the forward's
 autograd.Function with 37 inputs, the loss functions, the backward's nodes, the optimizer's
 wrapper), about a fifth of a consolidation step. :func:`fused_train_step` hands the model's
-tensors and the optimizer's state to ``torch.classes.bmc_fast.ResMLPTrainStep``
-(csrc/cpu/resmlp_train_step.cpp) once; each step is then one call that runs the same ops --
+tensors, the optimizer's state and the loss description (a ``torch.classes.bmc_fast.StepLoss``)
+to ``torch.classes.bmc_fast.ResMLPTrainStep`` (csrc/cpu/resmlp_train_step.h) once; each step is
+then one call, with the batch's tensors as a dict, that runs the same ops --
 the fused forward, the loss kernels with their gradients, the fused backward, the BatchNorm
 running statistics and the AdamW kernel -- and returns the loss. Same math and same dropout
 seeds as the autograd path (tested); parameter gradients are not stored in ``.grad``.
@@ -32,6 +33,21 @@ from ..optim import AdamW
 __all__ = ["FusedTrainStep", "fused_train_step", "unfused_reason"]
 
 
+# The batch keys the step's loss terms read (csrc/cpu/resmlp_train_step.h).
+_BATCH_KEYS = ("labels", "ce_offset", "ce_len", "teacher_features", "buffer_id", "base_features", "teacher_logits",
+               "kd_offset", "kd_len")
+
+
+def _step_loss(loss):
+    """``loss`` as the C++ step's ``torch.classes.bmc_fast.StepLoss`` (whose constructor checks
+    every field). ``num_buffers`` and ``kd_temperature`` may be None where their term is off."""
+    nb, tau = loss.num_buffers, loss.kd_temperature
+    return torch.classes.bmc_fast.StepLoss(
+        ce_scale=float(loss.ce_scale), ce_reduction=str(loss.ce_reduction), distill_coef=float(loss.distill_coef),
+        num_buffers=0 if nb is None else int(nb), stability_coef=float(loss.stability_coef),
+        kd_coef=float(loss.kd_coef), kd_temperature=1.0 if tau is None else float(tau))
+
+
 class FusedTrainStep:
     """Callable training step; build it with :func:`fused_train_step`. It holds the optimizer's
     moment tensors as they were when it was built: build a new one after
@@ -43,13 +59,15 @@ class FusedTrainStep:
     features, teacher_features, buffer_id, num_buffers, "mean")``, ``stability_coef *
     stability_loss(features, base_features, "sum")`` and ``kd_coef * task_masked_kd_loss(logits,
     teacher_logits, kd_offset, kd_len, kd_temperature, "mean")`` where their coefficients are
-    not zero."""
+    not zero. It is handed to C++ once (a ``torch.classes.bmc_fast.StepLoss``, whose
+    construction checks the fields); assigning ``step.loss`` hands over the new one."""
 
     def __init__(self, hyper: ResMLP, lists: tuple, cache, group: dict, loss):
         weights, biases, bn_w, bn_b, rmean, rvar, tracked = lists
         pos = {id(p): i for i, p in enumerate(cache.params)}
         flat = weights + biases + bn_w + bn_b
-        self._cache, self._group, self.loss = cache, group, loss
+        self._cache, self._group = cache, group
+        self.loss = loss
         self._tracked = tracked[0]
         bn0 = hyper.block1.bn1
         self._momentum = None if bn0.momentum is None else float(bn0.momentum)
@@ -60,43 +78,42 @@ class FusedTrainStep:
         if os.environ.get("BMC_FAST_SPLIT") == "0":
             self._obj.set_split(False)
 
+    @property
+    def loss(self):
+        return self._loss
+
+    @loss.setter
+    def loss(self, loss):
+        self._step_loss = _step_loss(loss)
+        self._loss = loss
+
     def __call__(self, x: torch.Tensor, batch: dict, seeds: list[int] | None = None,
                  first_model: int = 0) -> torch.Tensor:
         """One step on ``x`` (``[B, I]``, or ``[K, B, I]`` for stacked models) and the tensors of
         ``batch`` the loss terms read (``labels``, ``ce_offset``, ``ce_len``, and per term its
-        own: see the class); returns the loss. ``seeds``: one dropout seed per block (None draws
-        them from torch's default generator); ``first_model``: the index of the first model in
-        the dropout counters (masks of model k are those of model ``first_model + k``)."""
+        own: see the class; a missing one raises a ValueError naming it, other keys are
+        ignored); returns the loss. ``seeds``: one dropout seed per block (None draws them from
+        torch's default generator); ``first_model``: the index of the first model in the dropout
+        counters (masks of model k are those of model ``first_model + k``)."""
         if self._momentum is None:  # cumulative moving average, as BatchNorm
             momentum = 1.0 / (float(self._tracked.reshape(-1)[0]) + 1)
         else:
             momentum = self._momentum
         if seeds is None:
             seeds = [new_seed() if v > 0 else 0 for v in self.p]
-        spec = self.loss
-        need = ["labels", "ce_offset", "ce_len"]
-        if spec.distill_coef:
-            need += ["teacher_features", "buffer_id"]
-        if spec.stability_coef:
-            need += ["base_features"]
-        if spec.kd_coef:
-            need += ["teacher_logits", "kd_offset", "kd_len"]
-        missing = [k for k in need if batch.get(k) is None]
-        if missing:
-            raise ValueError(f"the step's loss terms need batch[{missing[0]!r}]")
-        get = batch.get
-        dc, sc, kc = float(spec.distill_coef), float(spec.stability_coef), float(spec.kd_coef)
+        tensors = {}
+        for k in _BATCH_KEYS:
+            v = batch.get(k)
+            if v is not None:
+                tensors[k] = v
         g, c = self._group, self._cache
-        b1, b2 = (float(b) for b in g["betas"])
+        b1, b2 = g["betas"]
         c.count += 1
         try:
             return self._obj.step(
-                x, list(seeds), momentum, batch["labels"], batch["ce_offset"], batch["ce_len"], float(spec.ce_scale),
-                spec.ce_reduction, get("teacher_features") if dc else None, get("buffer_id") if dc else None,
-                int(spec.num_buffers) if dc else 0, dc, get("base_features") if sc else None, sc,
-                get("teacher_logits") if kc else None, get("kd_offset") if kc else None, get("kd_len") if kc else None,
-                float(spec.kd_temperature), kc, float(g["lr"]), b1, b2, float(g["weight_decay"]), float(g["eps"]),
-                int(c.count))
+                x, tensors, self._step_loss, seeds=list(seeds), first_model=int(first_model), momentum=momentum,
+                adamw=[float(g["lr"]), float(b1), float(b2), float(g["weight_decay"]), float(g["eps"])],
+                step_count=int(c.count))
         except Exception:
             c.count -= 1  # no parameter or moment was written (every check runs before the update)
             raise

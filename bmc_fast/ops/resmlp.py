@@ -1,8 +1,8 @@
 """resmlp: the training-mode forward and backward of a (stacked) ResMLP in one op call each.
 
-The fused ResMLP (bmc_fast/models.py) trains through it: one autograd node per model (or per K
-stacked models) instead of ~25 ops and a dozen nodes, whose Python and autograd-engine overhead
-was as large as the math at the trainer's batch size (64 rows)."""
+The fused ResMLP (bmc_fast/backbone/resmlp.py) trains through it: one autograd node per model
+(or per K stacked models) instead of ~25 ops and a dozen nodes, whose Python and autograd-engine
+overhead is of the order of the math at the trainer's batch size (64 rows)."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +16,7 @@ BACKWARD_OP = "bmc_fast::resmlp_backward"
 
 
 def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, running_vars=None, momentum: float = 0.1,
-           eps: float = 1e-5, p=None, seeds=None):
+           eps: float = 1e-5, p=None, seeds=None, first_model: int = 0):
     r"""Training-mode forward of a ResMLP (BMC-SPEC §2; :class:`bmc_fast.backbone.ResMLP`):
     ``h = x Wp^T + bp``, then per residual block
     ``h = drop(relu(BN2(fc2(relu(BN1(fc1(h))))) + BNs(short(h))))``, then ``logits = h Wh^T + bh``.
@@ -35,24 +35,28 @@ def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, runnin
         seeds: one dropout seed per block (the mask is a hash of (seed, element index), see
             :func:`bmc_fast.ops.bn_relu_dropout`); None draws them from torch's default generator
             for the blocks with ``p > 0``.
+        first_model: the index of the first model in the dropout counters: model k (0 for one
+            model) draws the masks of model ``first_model + k``, so a slice of a stack starting
+            at model f, run with ``first_model=f``, gets the masks the whole stack gets.
 
     Returns ``(logits, features)``, differentiable in x and every parameter (first order). The
     Linear biases before a BatchNorm cancel in it and get exact zero gradients.
     """
     nb = _validate.resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps,
-                               p, seeds)
+                               p, seeds, first_model)
+    first_model = int(first_model)
     p = [float(v) for v in p] if p is not None else [0.0] * nb
     seeds = [int(s) for s in seeds] if seeds is not None else [new_seed() if v > 0 else 0 for v in p]
     running_means, running_vars = list(running_means or []), list(running_vars or [])
     if (x.dtype not in (torch.float32, torch.float64) or x.device.type not in ("cpu", "meta")
             or not _ext.use_kernel("resmlp", x)):
         return reference.resmlp(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps,
-                                p, seeds)
+                                p, seeds, first_model)
     if not torch.compiler.is_compiling():
         return resmlp_unchecked(x, list(weights), list(biases), list(bn_weights), list(bn_biases), running_means,
-                                running_vars, float(momentum), float(eps), p, seeds)
+                                running_vars, float(momentum), float(eps), p, seeds, first_model)
     logits, features, _, means, variances = torch.ops.bmc_fast.resmlp_forward(
-        x, list(weights), list(biases), list(bn_weights), list(bn_biases), float(eps), p, seeds)
+        x, list(weights), list(biases), list(bn_weights), list(bn_biases), float(eps), p, seeds, first_model)
     blend_running_stats(running_means, running_vars, means, variances, momentum)
     return logits, features
 
@@ -72,7 +76,7 @@ def _saved_like(x, weights):
     return saved
 
 
-def _fake(x, weights, biases, bn_weights, bn_biases, eps, p, seeds):
+def _fake(x, weights, biases, bn_weights, bn_biases, eps, p, seeds, first_model=0):
     lead = tuple(x.shape[:-1])
     stats = lambda: [torch.empty_like(w) for w in bn_weights]  # noqa: E731
     return (x.new_empty(lead + (weights[-1].shape[-2],)), x.new_empty(lead + (weights[-1].shape[-1],)),
@@ -86,7 +90,7 @@ def _backward_fake(grad_logits, grad_features, x, features, weights, bn_weights,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, _, bn_weights, _, _, p, _ = inputs
+    x, weights, _, bn_weights, _, _, p, *_ = inputs
     _, features, saved, means, variances = output
     ctx.p, ctx.nw, ctx.nbn = list(p), len(weights), len(bn_weights)
     ctx.mark_non_differentiable(*saved, *means, *variances)
@@ -103,10 +107,13 @@ def _grads(ctx, grad_logits, grad_features, input_grad: bool):
 
 
 def _backward(ctx, grad_logits, grad_features, *_unused):
+    # One gradient per argument the op was called with: the dispatcher leaves out first_model
+    # when it has its default value.
+    rest = (None,) * (len(ctx.needs_input_grad) - 5)
     if grad_logits is None and grad_features is None:
-        return None, None, None, None, None, None, None, None
+        return (None,) * 5 + rest
     gw, gb, gbw, gbb, gx = _grads(ctx, grad_logits, grad_features, ctx.needs_input_grad[0])
-    return gx if ctx.needs_input_grad[0] else None, gw, gb, gbw, gbb, None, None, None
+    return (gx if ctx.needs_input_grad[0] else None, gw, gb, gbw, gbb) + rest
 
 
 # Registered by bmc_fast/ops/__init__.py. The backward op has no autograd of its own (first order).
@@ -119,12 +126,12 @@ class _ResMLP(torch.autograd.Function):
     arguments so autograd sees every parameter, without torch.library's generic wrapper."""
 
     @staticmethod
-    def forward(ctx, nw, nbn, eps, p, seeds, x, *tensors):
+    def forward(ctx, nw, nbn, eps, p, seeds, first_model, x, *tensors):
         weights, biases = list(tensors[:nw]), list(tensors[nw:2 * nw])
         bn_weights, bn_biases = list(tensors[2 * nw:2 * nw + nbn]), list(tensors[2 * nw + nbn:])
         with torch._C._AutoDispatchBelowAutograd():
             logits, features, saved, means, variances = torch.ops.bmc_fast.resmlp_forward.default(
-                x, weights, biases, bn_weights, bn_biases, eps, p, seeds)
+                x, weights, biases, bn_weights, bn_biases, eps, p, seeds, first_model)
         ctx.p, ctx.nw, ctx.nbn = p, nw, nbn
         ctx.save_for_backward(x, features, *weights, *bn_weights, *saved)
         ctx.mark_non_differentiable(*means, *variances)
@@ -135,15 +142,18 @@ class _ResMLP(torch.autograd.Function):
     def backward(ctx, grad_logits, grad_features, *_unused):
         if grad_logits is None and grad_features is None:
             return (None,) * len(ctx.needs_input_grad)
-        gw, gb, gbw, gbb, gx = _grads(ctx, grad_logits, grad_features, ctx.needs_input_grad[5])
-        return (None, None, None, None, None, gx if ctx.needs_input_grad[5] else None, *gw, *gb, *gbw, *gbb)
+        gw, gb, gbw, gbb, gx = _grads(ctx, grad_logits, grad_features, ctx.needs_input_grad[6])
+        return (None, None, None, None, None, None, gx if ctx.needs_input_grad[6] else None, *gw, *gb, *gbw, *gbb)
 
 
-def resmlp_unchecked(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p, seeds):
+def resmlp_unchecked(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p, seeds,
+                     first_model=0):
     """:func:`resmlp` in eager mode without the Python argument checks (the kernel still checks
-    shapes and dtypes), for callers that built the arguments themselves (the fused ResMLP).
-    Lists, not None; p and seeds one per block; running_* one per BatchNorm or empty."""
-    res = _ResMLP.apply(len(weights), len(bn_weights), eps, p, seeds, x, *weights, *biases, *bn_weights, *bn_biases)
+    shapes, dtypes and ``first_model >= 0``), for callers that built the arguments themselves
+    (the fused ResMLP). Lists, not None; p and seeds one per block; running_* one per BatchNorm
+    or empty; first_model an int."""
+    res = _ResMLP.apply(len(weights), len(bn_weights), eps, p, seeds, first_model, x, *weights, *biases, *bn_weights,
+                        *bn_biases)
     nbn = len(bn_weights)
     blend_running_stats(running_means, running_vars, res[2:2 + nbn], res[2 + nbn:], momentum)
     return res[0], res[1]

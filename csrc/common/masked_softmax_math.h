@@ -1,31 +1,14 @@
 // Row math of the task-masked losses (task_masked_cross_entropy, task_masked_kd_loss): a row's
-// softmax is taken over its own task range [o, o + l) only. Both kernels compute the range's
-// max and sum of exponentials (online, so one read of the row suffices), then write per-element
-// gradients with the functions below. Subtracting the max keeps exp() finite for logits of any
-// magnitude (tested up to +-1e4 in every dtype).
+// softmax is taken over its own task range [o, o + l) only. Both backends read the range twice
+// for its max and then its sum of exp(x - max) (the CPU with one thread per row, CUDA with one
+// warp per row and shuffle reductions), then write the per-element gradients with the functions
+// below. Subtracting the max keeps exp() finite for logits of any magnitude (tested up to +-1e4
+// in every dtype).
 #pragma once
 
 #include "bmc_hd.h"
 
 namespace bmc_fast {
-
-// Running (max, sum of exp(x - max)) of a row segment. Merging two partial states keeps the
-// result independent of how the row was split (up to rounding), which the CUDA warp reduction
-// uses; NaN propagates through max.
-template <typename acc_t>
-struct MaxSum {
-  acc_t max;
-  acc_t sum;
-};
-
-template <typename acc_t, typename ExpFn>
-BMC_HD MaxSum<acc_t> maxsum_merge(MaxSum<acc_t> a, MaxSum<acc_t> b, ExpFn exp_fn) {
-  if (a.sum == acc_t(0) && !(a.max != a.max)) return b;  // empty (max = -inf, sum = 0) state
-  if (b.sum == acc_t(0) && !(b.max != b.max)) return a;
-  const acc_t m = a.max > b.max ? a.max : b.max;
-  if (a.max != a.max || b.max != b.max) return {a.max != a.max ? a.max : b.max, a.sum + b.sum};
-  return {m, a.sum * exp_fn(a.max - m) + b.sum * exp_fn(b.max - m)};
-}
 
 // Cross-entropy of one row from its logsumexp and its label's logit.
 template <typename acc_t>

@@ -18,6 +18,7 @@
 #ifdef BMC_CPU_HOST
 #include <torch/library.h>
 
+#include "adamw.h"
 #include "host_utils.h"
 #endif
 
@@ -50,10 +51,9 @@ void adamw_impl(const std::vector<AdamChunk>& chunks, const AdamHyper& h) {
   const T inv_bc2_sqrt = static_cast<T>(1.0 / h.bias_correction2_sqrt);
   const T eps = static_cast<T>(h.eps);
   // One task per thread, each a run of consecutive chunks holding an equal share of the
-  // elements. (A parallel_for over the chunks splits them by count: with the big weight
-  // matrices first and the small vectors last, as the fused ResMLP lists them, one thread got
-  // ~90% of the elements and the step took ~2x longer.) The update is elementwise: the split
-  // does not change any value.
+  // elements. (A parallel_for over the chunks would split them by count: with the big weight
+  // matrices first and the small vectors last, as the fused ResMLP lists them, one thread would
+  // get most of the elements.) The update is elementwise: the split does not change any value.
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_chunks));
   std::vector<int64_t> first(static_cast<size_t>(tasks + 1), n_chunks);  // task t: chunks [first[t], first[t + 1])
@@ -113,8 +113,7 @@ void check_list(at::TensorList t, at::TensorList like, const char* name) {
 
 }  // namespace
 
-void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    double lr, double beta1, double beta2, double weight_decay, double eps, int64_t step) {
+void check_adamw_hyper(double lr, double beta1, double beta2, double weight_decay, double eps, int64_t step) {
   TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, "lr must be a finite number >= 0, got ", lr);
   TORCH_CHECK_VALUE(beta1 >= 0 && beta1 < 1, "beta1 must be in [0, 1), got ", beta1);
   TORCH_CHECK_VALUE(beta2 >= 0 && beta2 < 1, "beta2 must be in [0, 1), got ", beta2);
@@ -122,6 +121,11 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     weight_decay);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "eps must be a finite number > 0, got ", eps);
   TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (the step being taken), got ", step);
+}
+
+void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    double lr, double beta1, double beta2, double weight_decay, double eps, int64_t step) {
+  check_adamw_hyper(lr, beta1, beta2, weight_decay, eps, step);
   for (size_t i = 0; i < params.size(); ++i) {
     check_cpu(params[i], "params");
     TORCH_CHECK_TYPE(params[i].scalar_type() == at::kFloat || params[i].scalar_type() == at::kDouble,

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "host_utils.h"
+#include "losses.h"
 #endif
 
 namespace bmc_fast::cpu {
@@ -58,27 +59,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_distillation_loss_cpu(
     bool compute_grad) {
   const Reduction red = parse_reduction(reduction);
   check_floating(student, "student");
-  check_cpu(teacher, "teacher");
-  check_cpu(expert_ids, "expert_ids");
-  check_integer(expert_ids, "expert_ids");
-  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(), "teacher must have the dtype of student (",
-                   student.scalar_type(), "), got ", teacher.scalar_type());
+  check_same_device(teacher, student, "teacher", "student");
+  check_same_dtype(teacher, student, "teacher", "student");
   TORCH_CHECK_VALUE(student.dim() >= 1, "student must have shape [N, ...], got a scalar");
-  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher must have the shape of student ",
-                    student.sizes(), ", got ", teacher.sizes());
+  check_same_shape(teacher, student, "teacher", "student");
   const int64_t N = student.size(0);
   const int64_t D = N == 0 ? 0 : student.numel() / N;
-  TORCH_CHECK_VALUE(expert_ids.dim() == 1 && expert_ids.size(0) == N, "expert_ids must have shape [",
-                    N, "], got ", expert_ids.sizes());
+  check_row_ids(expert_ids, student, N, "expert_ids", "student");
   TORCH_CHECK_VALUE(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
-  const std::vector<double> w = weights_or_ones(weights, num_experts);
+  const std::vector<double> w = weights_or_ones(weights, num_experts, student, "student");
 
   const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
   const int64_t* id = ids.const_data_ptr<int64_t>();
   std::vector<int64_t> count(static_cast<size_t>(num_experts), 0);
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK_VALUE(id[i] >= 0 && id[i] < num_experts, "expert_ids must be in [0, num_experts=",
-                      num_experts, "), got ", id[i], " at index ", i);
+    TORCH_CHECK_VALUE(id[i] >= 0 && id[i] < num_experts, kExpertIdsRule, num_experts, "), got ", id[i],
+                      " at index ", i);
     ++count[id[i]];
   }
   int64_t present = 0;

@@ -64,8 +64,8 @@ BMC_CPU_DECLARE_KERNEL(void, bn_relu_dropout_backward_kernel, at::ScalarType, in
 inline namespace CPU_CAPABILITY {
 
 // Work items are (model k, chunk of kRowChunk rows): each reads whole contiguous rows. (Tiles of
-// 64 channels over all B rows, the first design, read rows 1 KB apart at C = 256; those map to a
-// sixteenth of the cache sets, and at B = 512 every pass went to memory: 7% of copy bandwidth.)
+// a few channels over all B rows would read addresses one row apart, which at C = 256 map to a
+// sixteenth of the cache sets: for large B every pass would go to memory.)
 // Items are fixed by the shape, not the thread count, and per-channel partial sums of the items
 // are combined in item order, so the result has the same bits for any number of threads.
 constexpr int64_t kRowChunk = 32;
@@ -73,9 +73,8 @@ constexpr int64_t kColBlock = 256;
 
 // Items per thread task, so that one task is >= ~8k elements: tiny calls run on one thread (a
 // parallel region costs more than the work, and stalls when another process holds a core). At
-// the trainer's one-model shape (64 x 256: two items) both threads now take one item each: the
-// inputs come from a matmul that left half of them in each core's cache, and a whole ResMLP
-// fwd+bwd took 3.5% less than with the former ~32k threshold (Zen 1, interleaved A/B).
+// the trainer's one-model shape (64 x 256: two items) two threads take one item each: the inputs
+// come from a matmul that left half of them in each core's cache.
 inline int64_t item_grain(int64_t C) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, kRowChunk * C)); }
 
 template <typename T>
@@ -87,8 +86,8 @@ void bn_forward_impl(int64_t K, int64_t B, int64_t C, const std::vector<BnBranch
   const int64_t items = K * chunks;
   // Pass 1: per item, per channel, sums of (a - a[row 0]) and of its square, in double (shifted by the
   // model's first row so the variance does not cancel when |mean| >> std).
-  // Uninitialised: every item zeroes its own sums first (value-initialising the vector was a
-  // memset of the whole buffer, ~3% of the kernel at the trainer's sizes).
+  // Uninitialised: every item zeroes its own sums first (value-initialising would add a serial
+  // memset of the whole buffer before the parallel pass).
   std::unique_ptr<double[]> part_buf(new double[static_cast<size_t>(items * n * 2 * C)]);
   double* const part = part_buf.get();
   at::parallel_for(0, items, item_grain(C), [&](int64_t begin, int64_t end) {

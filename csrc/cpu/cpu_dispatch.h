@@ -1,4 +1,4 @@
-// Run-time choice between the two builds of every CPU kernel.
+// Run-time choice between the builds of every CPU kernel.
 //
 // Each csrc/cpu/<op>.cpp is compiled several times. The DEFAULT build (CPU_CAPABILITY=DEFAULT,
 // BMC_CPU_HOST defined, baseline compiler flags) holds the op's host function and its

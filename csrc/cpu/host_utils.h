@@ -14,75 +14,52 @@
 #include <string>
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/reduction.h"
 
 namespace bmc_fast::cpu {
 
-inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ",
-                   t.scalar_type());
-}
-
-inline void check_integer(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
-                   " must be an int32 or int64 tensor, got ", t.scalar_type());
-}
-
-inline void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU like the other inputs, got ",
-                    t.device());
-}
+// `t` on the CPU, for host code that no dispatch key routed here (the one-call step, the
+// CPU-only ops' list arguments).
+inline void check_cpu(const at::Tensor& t, const char* name) { check_device(t, at::kCPU, name); }
 
 // An uninitialised contiguous tensor like `t` for the kernel to write once (host_utils.cpp).
 // Large buffers come from a small cache of earlier gradient outputs whose storage nobody holds
-// any more: a fresh 320 MB tensor costs 70 ms of page faults here, against 13 ms to write an
-// existing one. BMC_FAST_BUFFER_CACHE_MB caps the cached bytes (default 512, 0 disables).
-// (Transparent huge pages were measured too and dropped: 20 ms when free huge pages exist, but
-// 300+ ms when the kernel must compact memory first, as THP's default "madvise" defrag does.)
+// any more: the first write to a fresh large tensor takes a page fault per page, several times
+// the cost of writing memory already mapped. BMC_FAST_BUFFER_CACHE_MB caps the cached bytes
+// (default 512, 0 disables). Transparent huge pages are no substitute: when the kernel must
+// compact memory first (THP's default "madvise" defrag), the allocation stalls far longer.
 at::Tensor empty_output_like(const at::Tensor& t);
 
-// Accumulation dtype of an input dtype: float64 for float64, float32 otherwise.
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Per-row task ranges [o_i, o_i + l_i) of an [N, C] logit matrix as contiguous int64, checked:
-// 0 <= o_i, l_i >= 1, o_i + l_i <= C.
+// Per-row task ranges [o_i, o_i + l_i) of the [N, C] logit matrix `ref` (argument `ref_name`)
+// as contiguous int64, checked: 0 <= o_i, l_i >= 1, o_i + l_i <= C.
 inline std::pair<at::Tensor, at::Tensor> checked_task_ranges(const at::Tensor& task_offset,
-                                                             const at::Tensor& task_len, int64_t N,
-                                                             int64_t C) {
-  check_integer(task_offset, "task_offset");
-  check_integer(task_len, "task_len");
-  check_cpu(task_offset, "task_offset");
-  check_cpu(task_len, "task_len");
-  TORCH_CHECK_VALUE(task_offset.dim() == 1 && task_offset.size(0) == N, "task_offset must have shape [",
-                    N, "], got ", task_offset.sizes());
-  TORCH_CHECK_VALUE(task_len.dim() == 1 && task_len.size(0) == N, "task_len must have shape [", N,
-                    "], got ", task_len.sizes());
+                                                             const at::Tensor& task_len, const at::Tensor& ref,
+                                                             const char* ref_name) {
+  const int64_t N = ref.size(0), C = ref.size(1);
+  check_row_ids(task_offset, ref, N, "task_offset", ref_name);
+  check_row_ids(task_len, ref, N, "task_len", ref_name);
   at::Tensor off = task_offset.to(at::kLong).contiguous(), len = task_len.to(at::kLong).contiguous();
   const int64_t* o = off.const_data_ptr<int64_t>();
   const int64_t* l = len.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK_VALUE(o[i] >= 0, "task_offset must be >= 0, got ", o[i], " at row ", i);
-    TORCH_CHECK_VALUE(l[i] >= 1, "task_len must be >= 1, got ", l[i], " at row ", i);
-    TORCH_CHECK_VALUE(o[i] + l[i] <= C, "task_offset + task_len must be <= the number of classes ", C,
-                      ", got ", o[i], " + ", l[i], " at row ", i);
+    TORCH_CHECK_VALUE(o[i] >= 0, kOffsetRule, ", got ", o[i], " at row ", i);
+    TORCH_CHECK_VALUE(l[i] >= 1, kLenRule, ", got ", l[i], " at row ", i);
+    TORCH_CHECK_VALUE(o[i] + l[i] <= C, kRangeRule, C, ", got ", o[i], " + ", l[i], " at row ", i);
   }
   return {off, len};
 }
 
-// Per-expert weights as doubles (all ones when absent); shape [K], every value finite.
-inline std::vector<double> weights_or_ones(const std::optional<at::Tensor>& weights, int64_t K,
-                                           const char* name = "weights") {
+// Per-expert weights as doubles (all ones when absent): [K] beside `ref`, every value finite.
+inline std::vector<double> weights_or_ones(const std::optional<at::Tensor>& weights, int64_t K, const at::Tensor& ref,
+                                           const char* ref_name) {
   std::vector<double> w(static_cast<size_t>(K), 1.0);
   if (!weights.has_value()) return w;
-  const at::Tensor& t = *weights;
-  check_floating(t, name);
-  check_cpu(t, name);
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == K, name, " must have shape [", K, "], got ",
-                    t.sizes());
-  const at::Tensor d = t.to(at::kDouble).contiguous();
+  check_expert_weights(*weights, K, ref, ref_name);
+  const at::Tensor d = weights->to(at::kDouble).contiguous();
   const double* p = d.const_data_ptr<double>();
   for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK_VALUE(std::isfinite(p[k]), name, " must be finite, got ", p[k], " at index ", k);
+    TORCH_CHECK_VALUE(std::isfinite(p[k]), kWeightsFinite, ", got ", p[k], " at index ", k);
     w[k] = p[k];
   }
   return w;

@@ -1,7 +1,8 @@
 // resmlp_forward / resmlp_backward on the CPU: the training-mode forward and the backward of a
-// (stacked) ResMLP (bmc_fast/models.py) as two calls, so that a training step costs two op
-// dispatches and one autograd node instead of ~25 ops and a dozen nodes, each with its Python
-// and autograd-engine overhead (at the trainer's B = 64 that overhead was as large as the math).
+// (stacked) ResMLP (bmc_fast/backbone/resmlp.py) as two calls, so that a training step costs two
+// op dispatches and one autograd node instead of ~25 ops and a dozen nodes, each with its Python
+// and autograd-engine overhead (at the trainer's 64 rows, that overhead is of the order of the
+// math itself).
 //
 // Host code only (the DEFAULT build): the matrix products are MKL's or oneDNN's (gemm.h), the
 // normalisation + activation + dropout is the bn_relu_dropout kernel, called directly.
@@ -28,6 +29,7 @@
 #include "bn_relu_dropout.h"
 #include "gemm.h"
 #include "host_utils.h"
+#include "resmlp.h"
 
 namespace bmc_fast::cpu {
 
@@ -66,7 +68,7 @@ bool pairing_enabled() {
 // exclusion, grad mode) is replicated into the worker. Only with exactly two threads: with more,
 // each matmul would be held to one thread while the rest idle (no nested parallelism). Only for
 // one model (`stacked` false): a batched matmul over K stacked models already runs whole models'
-// GEMMs on each thread, and pairing two of them was ~6% slower (K = 4, B = 64, Zen 1).
+// GEMMs on each thread, so pairing two of them only holds each to one thread.
 template <typename F1, typename F2>
 void run_pair(bool stacked, F1&& f1, F2&& f2) {
   if (stacked || !pairing_enabled() || at::get_num_threads() != 2 || at::in_parallel_region()) {
@@ -152,14 +154,13 @@ size_t check_model(const at::Tensor& x, at::TensorList weights, at::TensorList b
 
 }  // namespace
 
-// resmlp_forward of stacked models first_model, first_model + 1, ... of a larger stack: the same
-// dropout masks as those models get when the whole stack runs in one call.
-std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forward_from(
+std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forward_cpu(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
     at::TensorList bn_biases, double eps, at::ArrayRef<double> p, at::IntArrayRef seeds, int64_t first_model) {
   const size_t nb = check_model(x, weights, biases, bn_weights, bn_biases);
   check_list(p.size(), nb, "p", "values (one dropout probability per block)");
   check_list(seeds.size(), nb, "seeds", "values (one dropout seed per block)");
+  TORCH_CHECK_VALUE(first_model >= 0, "first_model must be >= 0, got ", first_model);
   const bool stacked = x.dim() == 3;
   TensorVec saved, means, vars;
   saved.reserve(kSavedPerBlock * nb);
@@ -182,12 +183,6 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forwa
   }
   at::Tensor logits = linear(h, weights.back(), &biases.back());
   return {logits, h, saved, means, vars};
-}
-
-std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forward_cpu(
-    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
-    at::TensorList bn_biases, double eps, at::ArrayRef<double> p, at::IntArrayRef seeds) {
-  return resmlp_forward_from(x, weights, biases, bn_weights, bn_biases, eps, p, seeds, 0);
 }
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backward_cpu(

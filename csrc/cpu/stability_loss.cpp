@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "host_utils.h"
+#include "losses.h"
 #endif
 
 namespace bmc_fast::cpu {
@@ -39,15 +40,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stability_loss_cpu(
     c10::string_view reduction, bool compute_grad) {
   const Reduction red = parse_reduction(reduction);
   check_floating(expert, "expert");
-  check_cpu(base, "base");
-  TORCH_CHECK_TYPE(base.scalar_type() == expert.scalar_type(), "base must have the dtype of expert (",
-                   expert.scalar_type(), "), got ", base.scalar_type());
+  check_same_device(base, expert, "base", "expert");
+  check_same_dtype(base, expert, "base", "expert");
   TORCH_CHECK_VALUE(expert.dim() >= 1, "expert must have shape [K, ...], got a scalar");
-  TORCH_CHECK_VALUE(base.sizes() == expert.sizes(), "base must have the shape of expert ",
-                    expert.sizes(), ", got ", base.sizes());
+  check_same_shape(base, expert, "base", "expert");
   const int64_t K = expert.size(0);
   const int64_t M = K == 0 ? 0 : expert.numel() / K;
-  const std::vector<double> w = weights_or_ones(weights, K);
+  const std::vector<double> w = weights_or_ones(weights, K, expert, "expert");
 
   const at::Tensor e = expert.contiguous(), b = base.contiguous();
   const double factor = red == Reduction::Mean ? (K > 0 ? 1.0 / K : 0.0) : 1.0;

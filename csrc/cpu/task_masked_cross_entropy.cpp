@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "host_utils.h"
+#include "losses.h"
 #endif
 
 namespace bmc_fast::cpu {
@@ -71,13 +72,10 @@ std::tuple<at::Tensor, at::Tensor> task_masked_cross_entropy_cpu(
     const at::Tensor& task_len, c10::string_view reduction, int64_t ignore_index, bool compute_grad) {
   const Reduction red = parse_reduction(reduction);
   check_floating(logits, "logits");
-  check_integer(labels, "labels");
-  check_cpu(labels, "labels");
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits must have shape [N, C], got ", logits.sizes());
-  const int64_t N = logits.size(0), C = logits.size(1);
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == N, "labels must have shape [", N, "], got ",
-                    labels.sizes());
-  const auto [off, len] = checked_task_ranges(task_offset, task_len, N, C);
+  const int64_t N = logits.size(0);
+  check_row_ids(labels, logits, N, "labels", "logits");
+  const auto [off, len] = checked_task_ranges(task_offset, task_len, logits, "logits");
   const at::Tensor lab = labels.to(at::kLong).contiguous();
   const int64_t* y = lab.const_data_ptr<int64_t>();
   const int64_t* o = off.const_data_ptr<int64_t>();
@@ -85,8 +83,8 @@ std::tuple<at::Tensor, at::Tensor> task_masked_cross_entropy_cpu(
   int64_t counted = 0;
   for (int64_t i = 0; i < N; ++i) {
     if (y[i] == ignore_index) continue;
-    TORCH_CHECK_VALUE(y[i] >= o[i] && y[i] < o[i] + l[i], "labels must lie in their task range [",
-                      o[i], ", ", o[i] + l[i], "), got ", y[i], " at row ", i);
+    TORCH_CHECK_VALUE(y[i] >= o[i] && y[i] < o[i] + l[i], kLabelRule, ", got ", y[i], " at row ", i, " (range [",
+                      o[i], ", ", o[i] + l[i], "))");
     ++counted;
   }
   // "mean" of no counted row is 0/0 = NaN (as torch's cross_entropy); its gradient is then 0.

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "host_utils.h"
+#include "losses.h"
 #endif
 
 namespace bmc_fast::cpu {
@@ -100,19 +101,15 @@ std::tuple<at::Tensor, at::Tensor> task_masked_kd_loss_cpu(
     const at::Tensor& task_len, double temperature, c10::string_view reduction, bool compute_grad) {
   const Reduction red = parse_reduction(reduction);
   check_floating(student_logits, "student_logits");
-  check_cpu(teacher_logits, "teacher_logits");
-  TORCH_CHECK_TYPE(teacher_logits.scalar_type() == student_logits.scalar_type(),
-                   "teacher_logits must have the dtype of student_logits (", student_logits.scalar_type(),
-                   "), got ", teacher_logits.scalar_type());
+  check_same_device(teacher_logits, student_logits, "teacher_logits", "student_logits");
+  check_same_dtype(teacher_logits, student_logits, "teacher_logits", "student_logits");
   TORCH_CHECK_VALUE(student_logits.dim() == 2, "student_logits must have shape [N, C], got ",
                     student_logits.sizes());
-  TORCH_CHECK_VALUE(teacher_logits.sizes() == student_logits.sizes(),
-                    "teacher_logits must have the shape of student_logits ", student_logits.sizes(),
-                    ", got ", teacher_logits.sizes());
+  check_same_shape(teacher_logits, student_logits, "teacher_logits", "student_logits");
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                     "temperature must be finite and > 0, got ", temperature);
-  const int64_t N = student_logits.size(0), C = student_logits.size(1);
-  const auto [off, len] = checked_task_ranges(task_offset, task_len, N, C);
+  const int64_t N = student_logits.size(0);
+  const auto [off, len] = checked_task_ranges(task_offset, task_len, student_logits, "student_logits");
   const double scale = red == Reduction::Mean ? (N > 0 ? 1.0 / N : 0.0) : 1.0;
 
   const at::Tensor s = student_logits.contiguous(), t = teacher_logits.contiguous();

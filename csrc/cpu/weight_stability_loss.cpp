@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "host_utils.h"
+#include "losses.h"
 #endif
 
 namespace bmc_fast::cpu {
@@ -48,10 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_stability_loss_cpu(
     c10::string_view reduction, bool compute_grad) {
   const Reduction red = parse_reduction(reduction);
   check_floating(expert_params, "expert_params");
-  check_cpu(base_params, "base_params");
-  TORCH_CHECK_TYPE(base_params.scalar_type() == expert_params.scalar_type(),
-                   "base_params must have the dtype of expert_params (", expert_params.scalar_type(),
-                   "), got ", base_params.scalar_type());
+  check_same_device(base_params, expert_params, "base_params", "expert_params");
+  check_same_dtype(base_params, expert_params, "base_params", "expert_params");
   TORCH_CHECK_VALUE(expert_params.dim() == 2, "expert_params must have shape [K, P], got ",
                     expert_params.sizes());
   const int64_t K = expert_params.size(0), P = expert_params.size(1);
@@ -61,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_stability_loss_cpu(
   at::Tensor imp;
   if (importance.has_value()) {
     check_floating(*importance, "importance");
-    check_cpu(*importance, "importance");
+    check_same_device(*importance, expert_params, "importance", "expert_params");
     TORCH_CHECK_VALUE(importance->dim() == 1 && importance->size(0) == P,
                       "importance must have shape [", P, "], got ", importance->sizes());
     imp = importance->scalar_type() == expert_params.scalar_type() ? importance->contiguous()
@@ -71,11 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_stability_loss_cpu(
     if (P > 0) {
       const auto [lo, hi] = at::aminmax(imp);
       const double mn = lo.item<double>(), mx = hi.item<double>();
-      TORCH_CHECK_VALUE(mn >= 0 && std::isfinite(mx), "importance must be finite and >= 0, got values in [", mn,
-                        ", ", mx, "]");
+      TORCH_CHECK_VALUE(mn >= 0 && std::isfinite(mx), kImportanceRule, ", got values in [", mn, ", ", mx, "]");
     }
   }
-  const std::vector<double> w = weights_or_ones(weights, K);
+  const std::vector<double> w = weights_or_ones(weights, K, expert_params, "expert_params");
 
   const at::Tensor e = expert_params.contiguous(), b = base_params.contiguous();
   const double factor = red == Reduction::Mean ? (K > 0 ? 1.0 / K : 0.0) : 1.0;

@@ -22,28 +22,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_distillation_loss_cuda(
     const std::optional<at::Tensor>& weights, c10::string_view reduction, bool compute_grad) {
   const Reduction red = parse_reduction(reduction);
   check_floating(student, "student");
-  check_same_device(teacher, student, "teacher");
-  check_same_device(expert_ids, student, "expert_ids");
-  check_integer(expert_ids, "expert_ids");
-  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(), "teacher must have the dtype of student");
+  check_same_device(teacher, student, "teacher", "student");
+  check_same_dtype(teacher, student, "teacher", "student");
   TORCH_CHECK_VALUE(student.dim() >= 1, "student must have shape [N, ...], got a scalar");
-  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher must have the shape of student ",
-                    student.sizes(), ", got ", teacher.sizes());
+  check_same_shape(teacher, student, "teacher", "student");
   const int64_t N = student.size(0);
   const int64_t D = N == 0 ? 0 : student.numel() / N;
-  TORCH_CHECK_VALUE(expert_ids.dim() == 1 && expert_ids.size(0) == N, "expert_ids must have shape [", N,
-                    "], got ", expert_ids.sizes());
+  check_row_ids(expert_ids, student, N, "expert_ids", "student");
   TORCH_CHECK_VALUE(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
   const c10::cuda::CUDAGuard guard(student.device());
   const at::ScalarType acc = acc_type(student.scalar_type());
-  const at::Tensor w = checked_weights(weights, num_experts, student, acc);
+  const at::Tensor w = checked_weights(weights, num_experts, student, "student", acc);
   const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
   if (N > 0 && !capturing()) {  // one sync for the range check
     const auto [lo, hi] = at::aminmax(ids);
     const at::Tensor both = at::stack({lo, hi}).cpu();
     const int64_t mn = both[0].item<int64_t>(), mx = both[1].item<int64_t>();
-    TORCH_CHECK_VALUE(mn >= 0 && mx < num_experts, "expert_ids must be in [0, num_experts=", num_experts,
-                      "), got values in [", mn, ", ", mx, "]");
+    TORCH_CHECK_VALUE(mn >= 0 && mx < num_experts, kExpertIdsRule, num_experts, "), got values in [", mn, ", ", mx,
+                      "]");
   }
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const auto opts = s.options();

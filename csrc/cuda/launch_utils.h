@@ -1,5 +1,6 @@
-// Host helpers of the CUDA launchers: dtype mapping to CUDA types, argument checks that need the
-// data (one host sync per checked tensor), and the per-expert weights in the accumulation dtype.
+// Host helpers of the CUDA launchers: dtype mapping to CUDA types, the data checks (one host sync
+// per checked tensor; the metadata checks and every message are common/checks.h's), and the
+// per-expert weights in the accumulation dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../common/checks.h"
 #include "../common/reduction.h"
 
 namespace bmc_fast::cuda {
@@ -41,31 +43,14 @@ inline bool capturing() {
 
 inline int reduction_code(Reduction r) { return r == Reduction::None ? 0 : (r == Reduction::Sum ? 1 : 2); }
 
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ", t.scalar_type());
-}
-
-inline void check_integer(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
-                   " must be an int32 or int64 tensor, got ", t.scalar_type());
-}
-
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", ref.device(), " like the other inputs, got ",
-                    t.device());
-}
-
-// Per-expert weights [K] in the accumulation dtype, checked finite (one sync); undefined if absent.
+// Per-expert weights [K] beside `ref` in the accumulation dtype, checked finite (one sync);
+// undefined if absent.
 inline at::Tensor checked_weights(const std::optional<at::Tensor>& weights, int64_t K, const at::Tensor& ref,
-                                  at::ScalarType acc) {
+                                  const char* ref_name, at::ScalarType acc) {
   if (!weights.has_value()) return at::Tensor();
   const at::Tensor& w = *weights;
-  check_floating(w, "weights");
-  check_same_device(w, ref, "weights");
-  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == K, "weights must have shape [", K, "], got ", w.sizes());
-  TORCH_CHECK_VALUE(capturing() || at::isfinite(w).all().item<bool>(), "weights must be finite");
+  check_expert_weights(w, K, ref, ref_name);
+  TORCH_CHECK_VALUE(capturing() || at::isfinite(w).all().item<bool>(), kWeightsFinite);
   return w.to(acc).contiguous();
 }
 

@@ -19,16 +19,16 @@ inline void check_ranges_and_labels(const at::Tensor& off, const at::Tensor& len
   }
   const at::Tensor f = at::stack(flags).cpu();
   const bool* p = f.const_data_ptr<bool>();
-  TORCH_CHECK_VALUE(!p[0], "task_offset must be >= 0");
-  TORCH_CHECK_VALUE(!p[1], "task_len must be >= 1");
-  TORCH_CHECK_VALUE(!p[2], "task_offset + task_len must be <= the number of classes ", C);
-  TORCH_CHECK_VALUE(!(labels.defined() && p[3]), "labels must lie in their task range [task_offset, task_offset + task_len)");
+  TORCH_CHECK_VALUE(!p[0], kOffsetRule);
+  TORCH_CHECK_VALUE(!p[1], kLenRule);
+  TORCH_CHECK_VALUE(!p[2], kRangeRule, C);
+  TORCH_CHECK_VALUE(!(labels.defined() && p[3]), kLabelRule);
 }
 
-inline at::Tensor as_long(const at::Tensor& t, const at::Tensor& ref, int64_t N, const char* name) {
-  check_integer(t, name);
-  check_same_device(t, ref, name);
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == N, name, " must have shape [", N, "], got ", t.sizes());
+// A per-row integer tensor `name` of shape [N] beside `ref`, as contiguous int64.
+inline at::Tensor as_long(const at::Tensor& t, const at::Tensor& ref, int64_t N, const char* name,
+                          const char* ref_name) {
+  check_row_ids(t, ref, N, name, ref_name);
   return t.to(at::kLong).contiguous();
 }
 

@@ -21,16 +21,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stability_loss_cuda(
     c10::string_view reduction, bool compute_grad) {
   const Reduction red = parse_reduction(reduction);
   check_floating(expert, "expert");
-  check_same_device(base, expert, "base");
-  TORCH_CHECK_TYPE(base.scalar_type() == expert.scalar_type(), "base must have the dtype of expert");
+  check_same_device(base, expert, "base", "expert");
+  check_same_dtype(base, expert, "base", "expert");
   TORCH_CHECK_VALUE(expert.dim() >= 1, "expert must have shape [K, ...], got a scalar");
-  TORCH_CHECK_VALUE(base.sizes() == expert.sizes(), "base must have the shape of expert ", expert.sizes(),
-                    ", got ", base.sizes());
+  check_same_shape(base, expert, "base", "expert");
   const c10::cuda::CUDAGuard guard(expert.device());
   const int64_t K = expert.size(0);
   const int64_t M = K == 0 ? 0 : expert.numel() / K;
   const at::ScalarType acc = acc_type(expert.scalar_type());
-  const at::Tensor w = checked_weights(weights, K, expert, acc);
+  const at::Tensor w = checked_weights(weights, K, expert, "expert", acc);
   const at::Tensor e = expert.contiguous(), b = base.contiguous();
 
   const double factor = red == Reduction::Mean ? (K > 0 ? 1.0 / K : 0.0) : 1.0;

@@ -22,9 +22,9 @@ std::tuple<at::Tensor, at::Tensor> task_masked_cross_entropy_cuda(
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits must have shape [N, C], got ", logits.sizes());
   const int64_t N = logits.size(0), C = logits.size(1);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor y = as_long(labels, logits, N, "labels");
-  const at::Tensor off = as_long(task_offset, logits, N, "task_offset");
-  const at::Tensor len = as_long(task_len, logits, N, "task_len");
+  const at::Tensor y = as_long(labels, logits, N, "labels", "logits");
+  const at::Tensor off = as_long(task_offset, logits, N, "task_offset", "logits");
+  const at::Tensor len = as_long(task_len, logits, N, "task_len", "logits");
   check_ranges_and_labels(off, len, C, y, ignore_index);
 
   const at::Tensor x = logits.contiguous();

@@ -20,17 +20,16 @@ std::tuple<at::Tensor, at::Tensor> task_masked_kd_loss_cuda(
     const at::Tensor& task_len, double temperature, c10::string_view reduction, bool compute_grad) {
   const Reduction red = parse_reduction(reduction);
   check_floating(student_logits, "student_logits");
-  check_same_device(teacher_logits, student_logits, "teacher_logits");
-  TORCH_CHECK_TYPE(teacher_logits.scalar_type() == student_logits.scalar_type(),
-                   "teacher_logits must have the dtype of student_logits");
+  check_same_device(teacher_logits, student_logits, "teacher_logits", "student_logits");
+  check_same_dtype(teacher_logits, student_logits, "teacher_logits", "student_logits");
   TORCH_CHECK_VALUE(student_logits.dim() == 2, "student_logits must have shape [N, C], got ", student_logits.sizes());
-  TORCH_CHECK_VALUE(teacher_logits.sizes() == student_logits.sizes(), "teacher_logits must have the shape of student_logits");
+  check_same_shape(teacher_logits, student_logits, "teacher_logits", "student_logits");
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be finite and > 0, got ",
                     temperature);
   const int64_t N = student_logits.size(0), C = student_logits.size(1);
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const at::Tensor off = as_long(task_offset, student_logits, N, "task_offset");
-  const at::Tensor len = as_long(task_len, student_logits, N, "task_len");
+  const at::Tensor off = as_long(task_offset, student_logits, N, "task_offset", "student_logits");
+  const at::Tensor len = as_long(task_len, student_logits, N, "task_len", "student_logits");
   check_ranges_and_labels(off, len, C, at::Tensor(), 0);
 
   const at::Tensor s = student_logits.contiguous(), t = teacher_logits.contiguous();

@@ -22,9 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_stability_loss_cuda(
     const std::optional<at::Tensor>& weights, c10::string_view reduction, bool compute_grad) {
   const Reduction red = parse_reduction(reduction);
   check_floating(expert_params, "expert_params");
-  check_same_device(base_params, expert_params, "base_params");
-  TORCH_CHECK_TYPE(base_params.scalar_type() == expert_params.scalar_type(),
-                   "base_params must have the dtype of expert_params");
+  check_same_device(base_params, expert_params, "base_params", "expert_params");
+  check_same_dtype(base_params, expert_params, "base_params", "expert_params");
   TORCH_CHECK_VALUE(expert_params.dim() == 2, "expert_params must have shape [K, P], got ", expert_params.sizes());
   const int64_t K = expert_params.size(0), P = expert_params.size(1);
   TORCH_CHECK_VALUE(base_params.dim() == 1 && base_params.size(0) == P, "base_params must have shape [", P,
@@ -34,14 +33,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_stability_loss_cuda(
   at::Tensor imp;
   if (importance.has_value()) {
     check_floating(*importance, "importance");
-    check_same_device(*importance, expert_params, "importance");
+    check_same_device(*importance, expert_params, "importance", "expert_params");
     TORCH_CHECK_VALUE(importance->dim() == 1 && importance->size(0) == P, "importance must have shape [", P,
                       "], got ", importance->sizes());
     imp = importance->to(acc).contiguous();
     TORCH_CHECK_VALUE(capturing() || at::logical_and(imp >= 0, at::isfinite(imp)).all().item<bool>(),
-                      "importance must be finite and >= 0");
+                      kImportanceRule);
   }
-  const at::Tensor w = checked_weights(weights, K, expert_params, acc);
+  const at::Tensor w = checked_weights(weights, K, expert_params, "expert_params", acc);
   const at::Tensor e = expert_params.contiguous(), b = base_params.contiguous();
 
   const double s = 2.0 * (red == Reduction::Mean ? (K > 0 ? 1.0 / K : 0.0) : 1.0);
