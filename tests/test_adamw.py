@@ -216,7 +216,7 @@ def test_zero_grad(set_to_none):
 
 
 def test_trainer_picks_the_fused_optimizer_where_it_runs():
-    from bmc_fast.train.experts import adamw
+    from bmc_fast.train.step import adamw
 
     cpu = [torch.zeros(3, requires_grad=True)]
     assert type(adamw(cpu, 1e-3, 0.0)) is AdamW

