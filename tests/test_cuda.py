@@ -93,7 +93,7 @@ def test_cuda_trainer_modes(mode):
         base = ResMLP(stream.input_dim, stream.num_classes, dropout=0.0, fused=False)
         cfg = BMCConfig(n_experts=2, parallel=mode if device == "cuda" else "sequential", epochs=1, batch_size=32,
                         device=device, progress=False, lr=1e-3)
-        out[device] = train_experts(base, stream, [0, 1], cfg, seed=2)
+        out[device] = train_experts(base, stream, [0, 1], cfg, step_index=2)
     for a, b in zip(out["cpu"], out["cuda"]):
         torch.testing.assert_close(a.buffer.features, b.buffer.features, rtol=1e-3, atol=1e-3)
     # bn_relu_dropout on CUDA tensors runs its reference
