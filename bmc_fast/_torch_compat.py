@@ -2,7 +2,7 @@
 
 The fused ops run in eager mode under a plain ``torch.autograd.Function`` that calls the kernel
 below the autograd dispatch key (torch.library's generic autograd wrapper costs ~70 us a call,
-more than the kernels at the trainer's sizes). That needs five private functions of ``torch._C``.
+more than the kernels at the trainer's sizes). That needs a handful of private functions of ``torch._C``.
 :data:`FAST_EAGER` is True only on the torch versions CI tests (>= :data:`TESTED_FROM`) when all
 of them exist; otherwise every op takes its registered path (``torch.library.register_autograd``
 and the fake kernels), which is public API and merely slower.
@@ -26,9 +26,12 @@ def _version() -> tuple[int, int]:
 
 def _lookup():
     try:
+        autocast_keys = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+                         | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
         return (torch._C._AutoDispatchBelowAutograd, torch._C._functorch.peek_interpreter_stack,
                 torch._C._functorch.is_functorch_wrapped_tensor, torch._C._len_torch_dispatch_stack,
-                torch._C._autograd._get_current_graph_task_keep_graph)
+                torch._C._autograd._get_current_graph_task_keep_graph, torch._C._ExcludeDispatchKeyGuard,
+                autocast_keys)
     except AttributeError:
         return None
 
@@ -37,9 +40,17 @@ _INTERNALS = _lookup() if _version() >= TESTED_FROM else None
 FAST_EAGER = _INTERNALS is not None
 
 
-def below_autograd():
-    """A context that dispatches below autograd (the caller records the graph itself)."""
-    return _INTERNALS[0]() if FAST_EAGER else contextlib.nullcontext()
+def below_autograd(skip_autocast: bool = False):
+    """A context that dispatches below autograd (the caller records the graph itself) and, with
+    ``skip_autocast``, past the ops' autocast rules (the caller has cast the inputs already)."""
+    if not FAST_EAGER:
+        return contextlib.nullcontext()
+    if not skip_autocast:
+        return _INTERNALS[0]()
+    stack = contextlib.ExitStack()
+    stack.enter_context(_INTERNALS[0]())
+    stack.enter_context(_INTERNALS[5](_INTERNALS[6]))
+    return stack
 
 
 def in_transform() -> bool:

@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from .. import _ext
+from .. import _ext, _torch_compat as compat
 
 __all__ = ["ResMLP", "resmlp_forward", "resmlp_train_forward", "fused_args", "fused_path_available"]
 
@@ -163,7 +163,7 @@ def _eager_cpu_input(model: ResMLP, x: torch.Tensor) -> bool:
     return (_ext.HAVE_EXTENSION and x.device.type == "cpu"
             and model._modules["proj"]._parameters["weight"].dtype == x.dtype
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+            and compat.FAST_EAGER and not compat.is_transform_wrapped(x))
 
 
 def fused_args(model: ResMLP, params: dict | None = None, buffers: dict | None = None) -> tuple:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _torch_compat as compat
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -19,12 +21,9 @@ def grad_like(x: torch.Tensor, compute_grad: bool) -> torch.Tensor:
 def _graph_is_freed_after_this_backward() -> bool:
     """True when the running backward frees the graph (no retain_graph/create_graph), so no
     later backward can read this node's saved buffers again."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if torch.compiler.is_compiling() or compat.in_dispatch_mode():
         return False  # traced (compile, fake or proxy mode): the graph owns buffer reuse
-    try:
-        return not torch._C._autograd._get_current_graph_task_keep_graph()
-    except (AttributeError, RuntimeError):  # not in a graph task, or an older torch
-        return False
+    return not compat.backward_keeps_graph()
 
 
 def scale_rows(ctx, grad: torch.Tensor, grad_output: torch.Tensor, reduction: str, index=None) -> torch.Tensor:
@@ -59,10 +58,6 @@ def blend_running_stats(running_means, running_vars, means, variances, momentum:
                              float(momentum))
 
 
-_AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
-
-
 def light_call(registration):
     """The op of ``registration`` (name, fake, backward, setup_context) as a function that, in
     eager mode, runs its kernel under a plain :class:`torch.autograd.Function` built from the
@@ -82,7 +77,7 @@ def light_call(registration):
     class _Fn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            with torch._C._AutoDispatchBelowAutograd(), torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            with compat.below_autograd(skip_autocast=True):
                 out = op(*inputs)
             setup_context(ctx, inputs, out)
             return out
@@ -94,12 +89,12 @@ def light_call(registration):
     _Fn.__name__ = _Fn.__qualname__ = "".join(w.capitalize() for w in short.split("_"))
 
     def call(*inputs):
-        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        if not compat.FAST_EAGER or torch.compiler.is_compiling() or compat.in_transform():
             return op(*inputs)
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
             return _Fn.apply(*inputs)
         # nothing to record: straight to the kernel
-        with torch._C._AutoDispatchBelowAutograd(), torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+        with compat.below_autograd(skip_autocast=True):
             return op(*inputs)
 
     return call

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext, _validate, reference
+from .. import _ext, _torch_compat as compat, _validate, reference
 from ._common import blend_running_stats
 
 OP = "bmc_fast::bn_relu_dropout"
@@ -57,9 +57,14 @@ def bn_relu_dropout(inputs, weights, biases, running_means=None, running_vars=No
         return bn_relu_dropout_unchecked(list(inputs), list(weights), list(biases), list(running_means),
                                          list(running_vars), list(pre_biases), float(momentum), float(eps),
                                          float(p), int(seed))
-    # traced: the registered op, its fake kernel and registered autograd
-    out, _, _, _, means, variances = torch.ops.bmc_fast.bn_relu_dropout(
-        list(inputs), list(weights), list(biases), list(pre_biases), float(eps), float(p), int(seed))
+    return _registered(list(inputs), list(weights), list(biases), list(running_means), list(running_vars),
+                       list(pre_biases), momentum, float(eps), float(p), int(seed))
+
+
+def _registered(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p, seed):
+    """The registered op, its fake kernel and registered autograd: traced, or without the eager path."""
+    out, _, _, _, means, variances = torch.ops.bmc_fast.bn_relu_dropout(inputs, weights, biases, pre_biases, eps, p,
+                                                                        seed)
     blend_running_stats(running_means, running_vars, means, variances, momentum)
     return out
 
@@ -124,7 +129,7 @@ class _BnReluDropout(torch.autograd.Function):
     def forward(ctx, n, eps, p, seed, *tensors):
         inputs, weights, biases = (list(tensors[i * n:(i + 1) * n]) for i in range(3))
         pre = list(tensors[3 * n:])  # n tensors or none
-        with torch._C._AutoDispatchBelowAutograd():
+        with compat.below_autograd():
             out, mask, xhats, invstds, means, variances = torch.ops.bmc_fast.bn_relu_dropout.default(
                 inputs, weights, biases, pre, eps, p, seed)
         ctx.n, ctx.p = n, p
@@ -147,6 +152,8 @@ def bn_relu_dropout_unchecked(inputs, weights, biases, running_means, running_va
     """The fused op (eager mode) without the Python argument checks (the kernel still checks
     shapes and dtypes), for callers that built the arguments themselves, e.g. the fused ResMLP.
     Lists, not None; running_means/running_vars and pre_biases hold one tensor per input or none."""
+    if not compat.FAST_EAGER:
+        return _registered(inputs, weights, biases, running_means, running_vars, pre_biases, momentum, eps, p, seed)
     res = _BnReluDropout.apply(len(inputs), eps, p, seed, *inputs, *weights, *biases, *pre_biases)
     n = len(inputs)
     blend_running_stats(running_means, running_vars, res[2:2 + n], res[2 + n:], momentum)

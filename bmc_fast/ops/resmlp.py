@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext, _validate, reference
+from .. import _ext, _torch_compat as compat, _validate, reference
 from ._common import blend_running_stats
 from .bn_relu_dropout import new_seed
 
@@ -55,8 +55,15 @@ def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, runnin
     if not torch.compiler.is_compiling():
         return resmlp_unchecked(x, list(weights), list(biases), list(bn_weights), list(bn_biases), running_means,
                                 running_vars, float(momentum), float(eps), p, seeds, first_model)
+    return _registered(x, list(weights), list(biases), list(bn_weights), list(bn_biases), running_means, running_vars,
+                       momentum, float(eps), p, seeds, first_model)
+
+
+def _registered(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p, seeds,
+                first_model):
+    """The registered op (fake kernel, registered autograd): traced, or without the eager path."""
     logits, features, _, means, variances = torch.ops.bmc_fast.resmlp_forward(
-        x, list(weights), list(biases), list(bn_weights), list(bn_biases), float(eps), p, seeds, first_model)
+        x, weights, biases, bn_weights, bn_biases, eps, p, seeds, first_model)
     blend_running_stats(running_means, running_vars, means, variances, momentum)
     return logits, features
 
@@ -129,7 +136,7 @@ class _ResMLP(torch.autograd.Function):
     def forward(ctx, nw, nbn, eps, p, seeds, first_model, x, *tensors):
         weights, biases = list(tensors[:nw]), list(tensors[nw:2 * nw])
         bn_weights, bn_biases = list(tensors[2 * nw:2 * nw + nbn]), list(tensors[2 * nw + nbn:])
-        with torch._C._AutoDispatchBelowAutograd():
+        with compat.below_autograd():
             logits, features, saved, means, variances = torch.ops.bmc_fast.resmlp_forward.default(
                 x, weights, biases, bn_weights, bn_biases, eps, p, seeds, first_model)
         ctx.p, ctx.nw, ctx.nbn = p, nw, nbn
@@ -152,6 +159,9 @@ def resmlp_unchecked(x, weights, biases, bn_weights, bn_biases, running_means, r
     shapes, dtypes and ``first_model >= 0``), for callers that built the arguments themselves
     (the fused ResMLP). Lists, not None; p and seeds one per block; running_* one per BatchNorm
     or empty; first_model an int."""
+    if not compat.FAST_EAGER:
+        return _registered(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p,
+                           seeds, first_model)
     res = _ResMLP.apply(len(weights), len(bn_weights), eps, p, seeds, first_model, x, *weights, *biases, *bn_weights,
                         *bn_biases)
     nbn = len(bn_weights)
