@@ -63,6 +63,7 @@ class FusedTrainStep:
     construction checks the fields); assigning ``step.loss`` hands over the new one."""
 
     def __init__(self, hyper: ResMLP, lists: tuple, cache, group: dict, loss):
+        self.after = None  # called after every step (the trainer's thread tuner)
         weights, biases, bn_w, bn_b, rmean, rvar, tracked = lists
         pos = {id(p): i for i, p in enumerate(cache.params)}
         flat = weights + biases + bn_w + bn_b
@@ -110,13 +111,16 @@ class FusedTrainStep:
         b1, b2 = g["betas"]
         c.count += 1
         try:
-            return self._obj.step(
+            loss = self._obj.step(
                 x, tensors, self._step_loss, seeds=list(seeds), first_model=int(first_model), momentum=momentum,
                 adamw=[float(g["lr"]), float(b1), float(b2), float(g["weight_decay"]), float(g["eps"])],
                 step_count=int(c.count))
         except Exception:
             c.count -= 1  # no parameter or moment was written (every check runs before the update)
             raise
+        if self.after is not None:
+            self.after()
+        return loss
 
 
 def unfused_reason(hyper: nn.Module, lists: tuple, opt, x: torch.Tensor) -> str | None:

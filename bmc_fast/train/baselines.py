@@ -32,6 +32,8 @@ import time
 import torch
 
 from . import seeding
+from . import threads
+from .run import training_run
 from .metrics import Result, evaluate, evaluate_rows
 from .step import LossSpec, adamw, backbone_mode, build_step, describe, loss_ops
 
@@ -182,7 +184,7 @@ def _train(model, x, y, off, ln, cfg, epochs, *key, lr=None, batch_size=None):
 
 def _new_model(stream, cfg, model_fn):
     """The run's initial model: the same weights for every method with the same seed."""
-    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+    with training_run(cfg):
         return model_fn(stream.input_dim, stream.num_classes).to(cfg.device)
 
 
@@ -216,7 +218,7 @@ def _seen(stream, t: int) -> int:
 def finetune(stream, cfg, model_fn) -> Result:
     """The backbone trained on each task in turn (CE over the whole head), evaluated after each."""
     t0 = time.perf_counter()
-    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+    with training_run(cfg):
         return _finetune(stream, cfg, model_fn, t0)
 
 
@@ -239,7 +241,7 @@ def joint(stream, cfg, model_fn, epochs: int | None = None) -> Result:
     """The backbone trained on the union of all tasks (CE over the whole head); only the last
     row of the matrices is filled."""
     t0 = time.perf_counter()
-    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+    with training_run(cfg):
         return _joint(stream, cfg, model_fn, epochs, t0)
 
 
@@ -268,7 +270,7 @@ def er(stream, cfg, model_fn, *, buffer: str = "reservoir") -> Result:
     ``"balanced"``: GDumb's greedy class-balanced sampler (:class:`BalancedBuffer`)."""
     if buffer not in ("reservoir", "balanced"):
         raise ValueError(f"buffer must be 'reservoir' or 'balanced', got {buffer!r}")
-    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+    with training_run(cfg):
         return _er(stream, cfg, model_fn, buffer)
 
 
@@ -363,6 +365,7 @@ class DerppStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        threads.tick()
         return loss.detach(), cur.detach().float()
 
 
@@ -380,7 +383,7 @@ def derpp(stream, cfg, model_fn, *, alpha: float = 0.1, beta: float = 0.5) -> Re
     for name, v in (("alpha", alpha), ("beta", beta)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+    with training_run(cfg):
         return _derpp(stream, cfg, model_fn, float(alpha), float(beta))
 
 
@@ -443,7 +446,7 @@ def lwf(stream, cfg, model_fn, *, temperature: float = 2.0, kd_coef: float = 1.0
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if isinstance(kd_coef, bool) or not isinstance(kd_coef, (int, float)) or not kd_coef >= 0:
         raise ValueError(f"kd_coef must be a number >= 0, got {kd_coef!r}")
-    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+    with training_run(cfg):
         return _lwf(stream, cfg, model_fn, float(temperature), float(kd_coef), ce)
 
 
@@ -495,7 +498,7 @@ def gdumb(stream, cfg, model_fn, *, epochs: int | None = None) -> Result:
     ``epochs``), ``cfg.consolidation_lr`` and ``cfg.consolidation_batch_size``."""
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0):
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), cfg.device):
+    with training_run(cfg):
         return _gdumb(stream, cfg, model_fn, cfg.consolidation_epochs if epochs is None else epochs)
 
 

@@ -59,6 +59,7 @@ class BMCConfig:
     fused_step: bool = True           # with all three fused: a whole CPU training step in one C++ call
     base_feature_table_mb: float = 256  # base features of all samples precomputed up to this size (0: per step)
     device: str = "cpu"
+    threads: object = "auto"          # "auto": torch's thread count or 1, whichever steps faster now; an int; None: torch's
     seed: int = 0
     progress: bool | None = None      # None: only on a terminal
     preset_name: str = "paper"
@@ -99,6 +100,9 @@ class BMCConfig:
         if self.mixup == "uniform" and self.mixup_alpha > 1:
             raise ValueError(f"BMCConfig.mixup_alpha must be <= 1 with mixup='uniform' (weight ~ U(1 - alpha, 1)), "
                              f"got {self.mixup_alpha!r}")
+        t = self.threads
+        if not (t is None or t == "auto" or (isinstance(t, int) and not isinstance(t, bool) and t >= 1)):
+            raise ValueError(f"BMCConfig.threads must be 'auto', an int >= 1 or None, got {t!r}")
         for name in ("fused_backbone", "fused_optimizer", "fused_step", "public_buffer_count"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BMCConfig.{name} must be True or False, got {getattr(self, name)!r}")

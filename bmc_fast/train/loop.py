@@ -16,6 +16,7 @@ from torch import nn
 
 from ..backbone import ResMLP
 from . import seeding
+from .run import training_run
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BMCConfig
 from .consolidation import _progress, consolidate
@@ -128,7 +129,7 @@ class BMC:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("BMCConfig.device is 'cuda' but no CUDA device is available")
         runner = experts or LocalExperts()
-        with seeding.private_rng(seeding.derive(cfg.seed, "model_init"), device):
+        with training_run(cfg):
             return self._fit(stream, runner, on_task_end, checkpoint_dir, resume, events)
 
     def _fit(self, stream, runner, on_task_end, checkpoint_dir, resume, events):

@@ -18,6 +18,7 @@ from torch import nn
 from .. import _ext
 from ..backbone import ResMLP, fused_args, fused_path_available, fused_train_step, resmlp_train_forward, unfused_reason
 from ..optim import AdamW
+from . import threads
 
 __all__ = ["LossSpec", "build_step", "describe", "adamw", "loss_ops", "backbone_mode"]
 
@@ -173,6 +174,7 @@ class AutogradStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        threads.tick()
         return loss.detach()
 
 
@@ -202,7 +204,7 @@ def build_step(model: nn.Module, optimizer, loss: LossSpec, cfg, x: torch.Tensor
             f"the model is a {type(model).__name__}, not the fused ResMLP"
     if reason is None:
         step = fused_train_step(model, lists, optimizer, x, loss)
-        step.kind, step.reason = "fused", None
+        step.kind, step.reason, step.after = "fused", None, threads.tick
         return step
     if forward is None:
         x0 = x if lists is None or lists[0][0].dim() == 2 else x[0]
