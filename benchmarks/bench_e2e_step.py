@@ -36,6 +36,7 @@ from bmc_fast.train.consolidation import consolidate
 from bmc_fast.data import Task, TaskStream
 from bmc_fast.train.experts import train_experts
 from bmc_fast.train.memory import Memory
+from bmc_fast.train.threads import ThreadTuner
 from bmc_fast.backbone import ResMLP
 import _harness
 import shapes
@@ -51,7 +52,7 @@ VARIANTS = {
     "no split": dict(parallel="stacked", losses="fused", fused_backbone=True, fused_optimizer=True,
                      env={"BMC_FAST_SPLIT": "0"}),
     "authors": dict(parallel="sequential", losses="reference", fused_backbone=False, fused_optimizer=False,
-                    base_feature_table_mb=0),
+                    base_feature_table_mb=0, threads=None),
     "vmap": dict(parallel="stacked", losses="fused", fused_backbone=False, fused_optimizer=True),
     "sequential": dict(parallel="sequential", losses="fused", fused_backbone=True, fused_optimizer=True),
 }
@@ -103,6 +104,11 @@ def _timed_step(stream, opts, device):
     torch.manual_seed(0)
     base = ResMLP(stream.input_dim, stream.num_classes, fused=opts.get("fused_backbone", True)).to(device)
     _sync(device)
+    with ThreadTuner(cfg.threads):  # as BMC.fit runs its steps
+        return _phases(stream, cfg, base, device)
+
+
+def _phases(stream, cfg, base, device):
     t0 = time.perf_counter()
     arts = train_experts(base, stream, list(range(K)), cfg, step_index=1, use_stability=True)
     _sync(device)
