@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--loads", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--record", action="store_true", help="merge the figures into this machine kind's results file")
     p.add_argument("--out", default=os.path.join(HERE, "out", "contention.json"))
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -88,7 +89,23 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"cpus": os.cpu_count(), "rows": rows, "seconds": time.perf_counter() - t0}, f, indent=1)
+    if a.record:
+        print(_record("contention", {"bench": "contention", "rounds": a.rounds, "rows": rows}))
     return 0
+
+
+def _record(section: str, run: dict) -> str:
+    """Merges ``run`` into this machine kind's results file and re-renders RESULTS.md."""
+    sys.path.insert(0, HERE)
+    import _harness
+    import report
+
+    machine = _harness.probe_machine("cpu")
+    run.update(device="cpu", threads=machine.threads, commit=_harness.git_commit())
+    path = report.update(report.RESULTS_DIR, _harness.machine_kind("cpu"), _harness.machine_facts(machine), [],
+                         {section: [run]})
+    report.write()
+    return f"results merged into {path}"
 
 
 def bench_contention_script_runs(tmp_path):

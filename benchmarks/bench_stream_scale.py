@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=int, default=TEST)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--folder", help="reuse (or write) the stream here")
+    p.add_argument("--record", action="store_true", help="merge the figures into this machine kind's results file")
     p.add_argument("--out", default=os.path.join(HERE, "out", "stream_scale.json"))
     p.add_argument("--one", nargs=4, metavar=("FOLDER", "T", "EPOCHS", "CEPOCHS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -136,6 +137,10 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"epochs": [ep, cep], "threads": a.threads, "rows": rows}, f, indent=1)
+    if a.record:
+        from bench_contention import _record
+
+        print(_record("stream_scale", {"bench": "full" if a.full else "1+1", "epochs": [ep, cep], "rows": rows}))
     return 0
 
 

@@ -227,6 +227,34 @@ def _ablation(doc: dict) -> list:
     return out
 
 
+def _contention(doc: dict) -> list:
+    out = []
+    for run in doc.get("contention", []):
+        out += ["", "### Under load (`benchmarks/bench_contention.py`)", "",
+                f"One incremental step (the e2e shape), idle and beside busy-looping processes; medians of "
+                f"{run['rounds']} interleaved rounds; fair = (threads + loops) / threads; commit {run['commit']}.", "",
+                "| variant | busy loops | median s | slowdown | fair | slowdown / fair |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['variant']} | {r['busy_loops']} | {r['median_s']:.2f} | {r['slowdown']:.2f}x | {r['fair']:.2f}x "
+                f"| {r['over_fair']:.2f} |" for r in run["rows"]]
+    return out
+
+
+def _stream_scale(doc: dict) -> list:
+    out = []
+    for run in doc.get("stream_scale", []):
+        ep = run["epochs"]
+        out += ["", "### Stream scale (`benchmarks/bench_stream_scale.py`)", "",
+                f"Synthetic stream of 768-D float16 features (2-40 classes and uneven sizes per task), K = 8, memory "
+                f"10,000, {ep[0]} expert + {ep[1]} consolidation epoch(s), {run['threads']} threads; "
+                f"commit {run['commit']}.", "",
+                "| tasks | classes | experts s | buffers s | consolidation s | evaluation s | total s | s / task "
+                "| peak anon MB | peak file MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['tasks']} | {r['classes']} | {r['experts_s']:.1f} | {r['buffers_s']:.1f} | "
+                f"{r['consolidation_s']:.1f} | {r['evaluation_s']:.1f} | {r['total_s']:.1f} | {r['per_task_s']:.2f} | "
+                f"{r['peak_anon_mb']:.0f} | {r['peak_file_mb']:.0f} |" for r in run["rows"]]
+    return out
+
+
 def render_machine(doc: dict, link_dir: str = "results") -> list:
     """The Markdown of one results file; ``link_dir``: its folder, relative to the page."""
     m = doc.get("machine", {})
@@ -240,7 +268,7 @@ def render_machine(doc: dict, link_dir: str = "results") -> list:
     out[-1] += " " + ", ".join(f for f in facts if f) + "."
     if m.get("notes"):
         out += ["", m["notes"]]
-    for part in (_e2e, _kernels, _distributed, _autods, _ablation):
+    for part in (_e2e, _contention, _stream_scale, _kernels, _distributed, _autods, _ablation):
         out += part(doc)
     return out
 
