@@ -293,12 +293,12 @@ def _make_buffer(expert: nn.Module, stream, t: int, cfg, logit_offset: int) -> B
     keep = buffer_count(n, cfg.buffer_size, cfg.batch_size, cfg.public_buffer_count)
     idx = torch.randperm(n, generator=seeding.generator(cfg.seed, "buffer", t))[:keep].sort().values
     o, ln = stream.task_range(t)
-    x = task.x_train[idx].float()
+    x = task.x_train[idx]  # kept in the stream's dtype (float16 features stay float16)
     device = torch.device(cfg.device)
     expert.eval()
     feats, logits = [], []
     for chunk in torch.split(x, 4096):
-        lg, h = expert(chunk.to(device))
+        lg, h = expert(chunk.to(device).float())
         feats.append(h.float().cpu())
         logits.append(lg[:, logit_offset:logit_offset + ln].float().cpu())
     dtype = torch.float16 if cfg.buffer_dtype == "float16" else torch.float32

@@ -169,7 +169,6 @@ class BMC:
             if runner.is_main:
                 self._log(events, {"event": "experts_done", "step": s, "seconds": time.perf_counter() - t0,
                                    "losses": [a.final_loss for a in arts], "kind": arts[0].step})
-                self.last_artifacts = arts
                 for t in before_consolidation(s):  # the base has not changed yet: these rows were evaluated with it
                     self._task_end(t, result, on_task_end, events)
             if runner.is_main and not consolidated[s]:

@@ -29,7 +29,7 @@ __all__ = ["Buffer", "Memory", "even_quotas", "keep_quota", "buffer_count"]
 
 @dataclass
 class Buffer:
-    x: torch.Tensor          # [n, ...] inputs
+    x: torch.Tensor          # [n, ...] inputs, in the stream's dtype (converted per minibatch)
     y: torch.Tensor          # [n] global labels (int64)
     offset: int              # the task's class range [offset, offset + length)
     length: int
@@ -243,7 +243,7 @@ class Memory:
         idx = idx.reshape(-1)
         off, ln = torch.index_select(self.offset, 0, idx), torch.index_select(self.length, 0, idx)
         out = {
-            "x": torch.index_select(self.x, 0, idx).to(device, non_blocking=True),
+            "x": torch.index_select(self.x, 0, idx).to(device, non_blocking=True).float(),
             "y": torch.index_select(self.y, 0, idx).to(device),
             "offset": off.to(device),
             "length": ln.to(device),
