@@ -1,9 +1,9 @@
 """A whole training step of the default ResMLP in one C++ call.
 
 The trainer's steps on the CPU are small (64 rows): besides the fused kernels, a step through
-autograd paid ~1.3 ms of Python and engine work on a 2 GHz core (the forward's
-autograd.Function with 37 inputs, the loss functions, the backward's nodes, the optimizer's
-wrapper), about a fifth of a consolidation step. :func:`fused_train_step` hands the model's
+autograd pays about a millisecond of Python and engine work (the forward's autograd.Function
+with 37 inputs, the loss functions, the backward's nodes, the optimizer's wrapper), a fifth of
+a consolidation step. :func:`fused_train_step` hands the model's
 tensors, the optimizer's state and the loss description (a ``torch.classes.bmc_fast.StepLoss``)
 to ``torch.classes.bmc_fast.ResMLPTrainStep`` (csrc/cpu/resmlp_train_step.h) once; each step is
 then one call, with the batch's tensors as a dict, that runs the same ops --
@@ -13,8 +13,8 @@ seeds as the autograd path (tested); parameter gradients are not stored in ``.gr
 
 Stacked experts (K >= the number of threads, a loss summed over experts) are split over the
 threads: each thread runs the whole step of its own experts single-threaded, instead of every
-matmul and kernel forking and joining over all threads (K = 4 on 2 threads: 8.8 -> 6.0 ms a step
-on a 2-core Zen 5). Same dropout masks and the same parameters as one call over the stack (bitwise
+matmul and kernel forking and joining over all threads (docs/performance.md has the figures).
+Same dropout masks and the same parameters as one call over the stack (bitwise
 at the trainer's shapes with either matmul library there; tested to 1e-6).
 ``BMC_FAST_SPLIT=0`` in the environment turns it off (for comparisons).
 """

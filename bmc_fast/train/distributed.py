@@ -44,8 +44,8 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
                                     timeout=datetime.timedelta(seconds=timeout_s))
             # A process group still alive at interpreter finalisation can abort the process
             # (gloo's worker threads hold tensors whose release needs the GIL: SIGABRT, "terminate
-            # called without an active exception", seen in CI after a successful run). atexit runs
-            # while the interpreter is still whole; a no-op when shutdown() was already called.
+            # called without an active exception"). atexit runs while the interpreter is still
+            # whole; a no-op when shutdown() was already called.
             atexit.register(shutdown)
         except Exception as exc:
             raise DistributedError(f"distributed BMC: phase 'rendezvous' failed on rank {os.environ['RANK']}: not "
@@ -67,11 +67,10 @@ def finish(code: int = 0) -> None:
     flushes stdout/stderr and exits with ``code`` without the interpreter's teardown. Call it
     last, with your files closed (objects still open are not flushed by their finalisers).
 
-    Why: a gloo process could still abort in the teardown after a successful run and an explicit
-    ``shutdown()`` ("terminate called without an active exception", exit -6: twice in ~12 CI runs
-    of the test suite on torch 2.13, never reproduced on demand), so torchrun would report a rank
-    that had finished its work as failed. The upstream fix (pytorch PR #179291: destroy the groups
-    in an atexit handler) was abandoned as incomplete, and that alone did not stop it here."""
+    Why: a gloo process can still abort in the interpreter's teardown after a successful run and
+    an explicit ``shutdown()`` ("terminate called without an active exception", exit -6; rare,
+    not reproducible on demand), and torchrun would then report a rank that finished its work as
+    failed. Destroying the groups in an atexit handler alone does not prevent it."""
     shutdown()
     try:
         atexit._run_exitfuncs()
@@ -85,7 +84,7 @@ def exit_after_failure(code: int) -> None:
     """Leaves the process with ``code`` after a :class:`DistributedError` (:func:`finish`): a
     gloo process group whose peer died can still own threads, and destroying them at normal exit
     aborts the process ("terminate called without an active exception", exit -6) after the error
-    was reported; seen in CI."""
+    was reported."""
     finish(code)
 
 
