@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -142,6 +143,7 @@ class DistributedExperts(ExpertRunner):
     def __init__(self):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        self.timings = {"gather_s": 0.0}  # part of experts_s: the artifacts' trip to rank 0
 
     def start(self, cfg, fingerprint, start_step):
         _check_agreement(fingerprint, cfg, self.rank, self.world)
@@ -157,7 +159,9 @@ class DistributedExperts(ExpertRunner):
         arts = train_experts(model, stream, mine, cfg, step_index, use_stability=use_stability, steps=steps,
                              progress=progress) if mine else []
         gathered = [None] * self.world if self.is_main else None
+        t0 = time.perf_counter()
         _collective(f"step {step_index}: gather artifacts", dist.gather_object, arts, gathered, dst=0)
+        self.timings["gather_s"] += time.perf_counter() - t0
         return sorted((a for part in gathered for a in part), key=lambda a: a.task) if self.is_main else []
 
     def end_step(self, step_index):

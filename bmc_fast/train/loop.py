@@ -60,6 +60,7 @@ class ExpertRunner:
     checkpoints."""
 
     is_main = True
+    timings: dict = {}  # seconds of the runner's own phases, added to the Result's timings
 
     def start(self, cfg, fingerprint: str | None, start_step: int) -> int:
         """Checks the run can start; returns the first step (the main runner's choice)."""
@@ -184,7 +185,7 @@ class BMC:
             if runner.is_main and ckpt:
                 self._save_checkpoint(ckpt, s, fingerprint, result, timings)
             runner.end_step(s)
-        result.timings = timings
+        result.timings = {**timings, **runner.timings}
         return result if runner.is_main else None
 
     def _consolidate(self, stream, s, new, timings, events):
