@@ -59,3 +59,19 @@ def test_backward_transfer_compares_with_the_accuracy_after_consolidation():
     assert r.just_learned(0) == pytest.approx(0.9)
     assert r.backward_transfer == pytest.approx(((0.7 - 0.9) + (0.6 - 0.8)) / 2)
     assert r.forgetting == pytest.approx(((0.9 - 0.7) + (0.8 - 0.6)) / 2)
+
+
+def test_the_default_model_is_evaluated_on_the_seen_classes_only():
+    # The ResMLP's rows come from a copy with the head rows of the classes seen (the others are
+    # never read unless full_head): same accuracies as the whole model.
+    from bmc_fast import ResMLP
+
+    stream = _stream()
+    torch.manual_seed(2)
+    model = ResMLP(5, stream.num_classes, hidden=8, width=16).eval()
+    with torch.no_grad():
+        got = evaluate_rows(model, stream, [0, 2], "cpu")
+        for i in (0, 2):
+            want = _naive(lambda x: model(x), stream, i, False)
+            np.testing.assert_allclose(got[i][0], want[0])
+            np.testing.assert_allclose(got[i][1], want[1])
