@@ -326,3 +326,36 @@ def test_uneven_tasks_and_float16_inputs_train_and_keep_their_dtype():
     arts = train_experts(ResMLP(12, stream.num_classes), stream, [2, 3], cfg, step_index=1)
     assert [len(a.buffer) for a in arts] == [50, 7]
     assert all(a.buffer.x.dtype == torch.float16 for a in arts)  # kept as stored, converted per batch
+
+
+def test_consolidation_trains_the_seen_classes_head_rows_only():
+    # Memory of tasks 0-1 (5 classes seen) in a head of 14: the default ResMLP consolidates with
+    # the 5 seen rows (the unseen ones stay as they were), and trains what the whole head trains.
+    from bmc_fast.train.consolidation import consolidate
+    from bmc_fast.train.memory import Memory
+
+    g = torch.Generator().manual_seed(0)
+    stream = TaskStream([Task(f"t{i}", torch.randn(96, 12, generator=g), torch.randint(0, c, (96,), generator=g),
+                              torch.randn(20, 12, generator=g), torch.randint(0, c, (20,), generator=g), c)
+                         for i, c in enumerate([3, 2, 4, 5])])
+    cfg = BMCConfig(n_experts=2, epochs=1, batch_size=32, consolidation_epochs=1, consolidation_batch_size=32,
+                    memory_size=100, progress=False, dropout=0.0)
+    torch.manual_seed(0)
+    base = ResMLP(12, stream.num_classes, dropout=0.0)
+    arts = train_experts(base, stream, [0, 1], cfg, step_index=0)
+    out = {}
+    for full in (False, True):
+        mem = Memory()
+        mem.add([a.buffer for a in arts], cfg.memory_size, torch.Generator().manual_seed(0))
+        m = ResMLP(12, stream.num_classes, dropout=0.0)
+        m.load_state_dict(base.state_dict())
+        consolidate(m, mem, BMCConfig(**{**cfg.to_dict(), "full_head": full}), stream.num_classes, step_index=0)
+        out[full] = m.state_dict()
+    narrow, whole = out[False], out[True]
+    assert torch.equal(narrow["head.weight"][5:], base.state_dict()["head.weight"][5:])  # untouched
+    assert not torch.equal(whole["head.weight"][5:], base.state_dict()["head.weight"][5:])  # weight decay
+    for name, v in narrow.items():
+        w = whole[name]
+        if name.startswith("head."):
+            v, w = v[:5], w[:5]
+        torch.testing.assert_close(v.float(), w.float(), rtol=1e-3, atol=5e-3, msg=lambda m, name=name: f"{name}: {m}")

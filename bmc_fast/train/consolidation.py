@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbone import ResMLP
 from . import seeding
 from .memory import Memory
 from .step import AutogradStep, LossSpec, adamw, backbone_mode, build_step, describe, loss_ops
@@ -59,7 +60,23 @@ def consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_in
     """Trains ``model`` on ``memory`` (BMC-SPEC §2.3) with :func:`consolidation_loss`, minibatches
     balanced over buffers (or drawn by ``consolidation_sampler="weighted"``); optional mixup,
     validation split, ReduceLROnPlateau and early stopping. Randomness is keyed by
-    (``cfg.seed``, ``step_index``)."""
+    (``cfg.seed``, ``step_index``).
+
+    The default ResMLP trains with only the head rows of the classes seen so far (unless
+    ``full_head``, whose evaluation reads every row): no loss term reads the others, so a step's
+    cost follows the classes seen, not the stream's; the rows are written back after."""
+    seen = max(b.offset + b.length for b in memory.buffers)
+    if isinstance(model, ResMLP) and not cfg.full_head and seen < model.num_classes:
+        narrow = model.head_rows(0, seen)
+        info = _consolidate(narrow, memory, cfg, seen, step_index, log)
+        with torch.no_grad():
+            model.load_state_dict(model.with_head_of(narrow, 0, seen).state_dict())
+        model.eval()
+        return info
+    return _consolidate(model, memory, cfg, num_classes, step_index, log)
+
+
+def _consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_index: int, log=None) -> dict:
     device = torch.device(cfg.device)
     gen = seeding.generator(cfg.seed, "consolidation", step_index)
     train_mem, val_mem = (memory.split(cfg.val_fraction, gen, pooled=cfg.val_split == "pooled")
@@ -79,7 +96,7 @@ def consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_in
         -(-len(train_mem) // cfg.consolidation_batch_size)
     total_steps = cfg.consolidation_epochs * per_epoch
     bar = _progress(cfg, total_steps, "consolidation")
-    seen = max(b.offset + b.length for b in memory.buffers)
+    seen = max(b.offset + b.length for b in memory.buffers)  # <= num_classes, the model's head
     step, n = None, 0
     with backbone_mode(model, cfg):
         for epoch in range(cfg.consolidation_epochs):
