@@ -1,5 +1,5 @@
 """bn_relu_dropout: the training-mode BatchNorm + (sum) + ReLU + dropout of a (stacked) ResMLP
-layer in one kernel. The building block of the fused ResMLP (bmc_fast/models.py)."""
+layer in one kernel. The building block of the fused ResMLP (bmc_fast/backbone/resmlp.py)."""
 from __future__ import annotations
 
 import torch
