@@ -25,6 +25,15 @@ def device(request):
     return request.param
 
 
+@pytest.fixture
+def two_threads():
+    """torch on two threads for the test (the thread split and the thread tuner need two)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

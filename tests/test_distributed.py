@@ -114,14 +114,20 @@ def _launch(tmp_path, mode, ckpt=None):
     return _spawn(lambda rank: [sys.executable, str(script), mode, str(tmp_path / "res.json")] + extra)
 
 
+def _single(tmp_path, mode="single"):
+    """The script's single-process run (``mode``): its Result."""
+    out = tmp_path / f"{mode}.json"
+    r = subprocess.run([sys.executable, str(_write(tmp_path)), mode, str(out)],
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return Result.load(out)
+
+
 def test_two_processes_give_the_single_process_result(tmp_path):
     outs = _launch(tmp_path, "ok")
     assert all(rc == 0 for rc, _, _ in outs), outs
     dist_res = Result.load(tmp_path / "res.json")
-    r = subprocess.run([sys.executable, str(_write(tmp_path)), "single", str(tmp_path / "single.json")],
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    single = Result.load(tmp_path / "single.json")
+    single = _single(tmp_path)
     # Same seed, same result: one expert per rank vs two stacked experts in one process differ only
     # by float rounding (other matmul shapes; MKL's paths also depend on buffer alignment, which
     # varies run to run). Rounding can flip the argmax of a test sample that sits on a tie, so an
@@ -137,10 +143,7 @@ def test_one_and_two_processes_train_the_same_default_model(tmp_path):
     outs = _launch(tmp_path, "default")
     assert all(rc == 0 for rc, _, _ in outs), outs
     two = Result.load(tmp_path / "res.json")
-    r = subprocess.run([sys.executable, str(_write(tmp_path)), "default_single", str(tmp_path / "one.json")],
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    one = Result.load(tmp_path / "one.json")
+    one = _single(tmp_path, "default_single")
     assert abs(two.final_cil_accuracy - one.final_cil_accuracy) <= 1e-3
     assert abs(two.final_til_accuracy - one.final_til_accuracy) <= 1e-3
 
@@ -168,10 +171,7 @@ def test_rerun_after_a_dead_rank_resumes_from_the_checkpoint(tmp_path):
     outs = _launch(tmp_path, "ok", ck)
     assert all(rc == 0 for rc, _, _ in outs), outs
     resumed = Result.load(tmp_path / "res.json")
-    r = subprocess.run([sys.executable, str(_write(tmp_path)), "single", str(tmp_path / "single.json")],
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    single = Result.load(tmp_path / "single.json")
+    single = _single(tmp_path)
     np.testing.assert_allclose(resumed.cil_matrix, single.cil_matrix, atol=1e-9, equal_nan=True)
 
 

@@ -1,5 +1,4 @@
 """Named random streams: keyed by what a draw belongs to, and the caller's RNG left alone."""
-import copy
 
 import torch
 

@@ -8,12 +8,6 @@ from bmc_fast.train import threads
 from bmc_fast.train.threads import ThreadTuner
 
 
-@pytest.fixture
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _run(tuner, seconds_per_step, steps=40):

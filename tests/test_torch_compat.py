@@ -1,6 +1,5 @@
 """The private torch internals sit behind one gate: without them every op takes its registered
 (public-API) path and computes the same values and gradients."""
-import pytest
 import torch
 
 import bmc_fast

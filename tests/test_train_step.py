@@ -383,12 +383,6 @@ def _stacked_step(k, seed=0, spec=None):
     return step, params, buffers, opt, base
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _split_batch(k):

@@ -88,6 +88,13 @@ class FusedTrainStep:
         self._step_loss = _step_loss(loss)
         self._loss = loss
 
+    @classmethod
+    def of(cls, hyper: ResMLP, lists: tuple, opt, loss) -> "FusedTrainStep":
+        """The step of ``opt`` (its one parameter group and fused cache); the caller has checked
+        :func:`unfused_reason`."""
+        group = opt.param_groups[0]
+        return cls(hyper, lists, opt._cache(0, list(group["params"])), group, loss)
+
     def __call__(self, x: torch.Tensor, batch: dict, seeds: list[int] | None = None,
                  first_model: int = 0) -> torch.Tensor:
         """One step on ``x`` (``[B, I]``, or ``[K, B, I]`` for stacked models) and the tensors of
@@ -158,4 +165,4 @@ def fused_train_step(hyper: nn.Module, lists: tuple, opt, x: torch.Tensor, loss)
     :func:`unfused_reason` gives a reason."""
     if unfused_reason(hyper, lists, opt, x) is not None:
         return None
-    return FusedTrainStep(hyper, lists, opt._cache(0, list(opt.param_groups[0]["params"])), opt.param_groups[0], loss)
+    return FusedTrainStep.of(hyper, lists, opt, loss)

@@ -68,15 +68,18 @@ def consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_in
     seen = max(b.offset + b.length for b in memory.buffers)
     if isinstance(model, ResMLP) and not cfg.full_head and seen < model.num_classes:
         narrow = model.head_rows(0, seen)
-        info = _consolidate(narrow, memory, cfg, seen, step_index, log)
+        info = _consolidate(narrow, memory, cfg, seen, seen, step_index, log)
         with torch.no_grad():
             model.load_state_dict(model.with_head_of(narrow, 0, seen).state_dict())
         model.eval()
         return info
-    return _consolidate(model, memory, cfg, num_classes, step_index, log)
+    return _consolidate(model, memory, cfg, num_classes, seen, step_index, log)
 
 
-def _consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_index: int, log=None) -> dict:
+def _consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, seen: int, step_index: int,
+                 log=None) -> dict:
+    """:func:`consolidate` of ``model`` (a head of ``num_classes`` rows) on ``memory``, whose tasks
+    span the classes ``[0, seen)``."""
     device = torch.device(cfg.device)
     gen = seeding.generator(cfg.seed, "consolidation", step_index)
     train_mem, val_mem = (memory.split(cfg.val_fraction, gen, pooled=cfg.val_split == "pooled")
@@ -96,7 +99,6 @@ def _consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, step_i
         -(-len(train_mem) // cfg.consolidation_batch_size)
     total_steps = cfg.consolidation_epochs * per_epoch
     bar = _progress(cfg, total_steps, "consolidation")
-    seen = max(b.offset + b.length for b in memory.buffers)  # <= num_classes, the model's head
     step, n = None, 0
     with backbone_mode(model, cfg):
         for epoch in range(cfg.consolidation_epochs):

@@ -130,8 +130,12 @@ class BMC:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("BMCConfig.device is 'cuda' but no CUDA device is available")
         runner = experts or LocalExperts()
+        t0 = time.perf_counter()
         with training_run(cfg):
-            return self._fit(stream, runner, on_task_end, checkpoint_dir, resume, events)
+            result = self._fit(stream, runner, on_task_end, checkpoint_dir, resume, events)
+        if result is not None:
+            result.timings["total_s"] = time.perf_counter() - t0  # this call's wall time
+        return result
 
     def _fit(self, stream, runner, on_task_end, checkpoint_dir, resume, events):
         cfg = self.config

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .. import _ext
-from ..backbone import ResMLP, fused_args, fused_path_available, fused_train_step, resmlp_train_forward, unfused_reason
+from ..backbone import (FusedTrainStep, ResMLP, fused_args, fused_path_available, resmlp_train_forward,
+                        unfused_reason)
 from ..optim import AdamW
 from . import threads
 
@@ -64,17 +65,6 @@ class LossSpec:
 
     def replace(self, **changes) -> "LossSpec":
         return dataclasses.replace(self, **changes)
-
-    def batch_keys(self) -> list[str]:
-        """The batch tensors the terms read."""
-        keys = ["labels", "ce_offset", "ce_len"]
-        if self.distill_coef:
-            keys += ["teacher_features", "buffer_id"]
-        if self.stability_coef and self.stability == "feature":
-            keys += ["base_features"]
-        if self.kd_coef:
-            keys += ["teacher_logits", "kd_offset", "kd_len"]
-        return keys
 
 
 def loss_ops(cfg):
@@ -203,7 +193,7 @@ def build_step(model: nn.Module, optimizer, loss: LossSpec, cfg, x: torch.Tensor
         reason = unfused_reason(model, lists, optimizer, x) if lists is not None else \
             f"the model is a {type(model).__name__}, not the fused ResMLP"
     if reason is None:
-        step = fused_train_step(model, lists, optimizer, x, loss)
+        step = FusedTrainStep.of(model, lists, optimizer, loss)
         step.kind, step.reason, step.after = "fused", None, threads.tick
         return step
     if forward is None:
