@@ -94,8 +94,10 @@ def run_one(folder: str, n_tasks: int, epochs: int, consolidation_epochs: int, t
     torch.set_num_threads(threads)
     peaks = _Peaks()
     stream = TaskStream(load_features(folder).tasks[:n_tasks])
+    # memory_policy="cap": consolidation on the 10,000 samples of the storage budget (the
+    # default "keep" adds the step's K new buffers in full: up to 90,000 samples here).
     cfg = BMCConfig(n_experts=8, epochs=epochs, consolidation_epochs=consolidation_epochs, memory_size=10_000,
-                    buffer_size=10_000, progress=False)
+                    buffer_size=10_000, memory_policy="cap", progress=False)
     t0 = time.perf_counter()
     res = BMC(cfg).fit(stream)
     total = time.perf_counter() - t0

@@ -4,7 +4,7 @@ benchmarks/RESULTS.md rendered from them.
 A results file holds the current figures of one kind of machine (``zen4-avx512.json``,
 ``nvidia-h200.json``, ...): ``machine`` (what it is), ``kernels`` (one row per op, mode, dtype,
 shape and thread count, as ``_harness.time_and_record`` makes them) and sections of whole runs
-(``e2e``, ``distributed``, ``autods``, ``ablation``). A new benchmark run replaces the rows and
+(``e2e``, ``contention``, ``stream_scale``, ``accuracy_select``, ``accuracy_compare``, ``distributed``, ``autods``). A new benchmark run replaces the rows and
 runs with the same key and keeps the others, so each file always holds the latest figure of
 every case; git keeps the older ones. Every row and run carries the commit and torch it was
 measured with.
@@ -214,16 +214,27 @@ def _autods(doc: dict) -> list:
     return out
 
 
-def _ablation(doc: dict) -> list:
+def _accuracy(doc: dict) -> list:
     out = []
-    for run in doc.get("ablation", []):
-        ms = lambda v: "-" if v is None else f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
-        out += ["", "### Accuracy: what the BMC terms add (`benchmarks/ablation.py`)", "",
-                f"{run['setting']}; mean ± standard deviation over the seeds; commit {run['commit']}.", "",
-                "| variant | final class-IL accuracy | forgetting |", "|---|---|---|"]
-        out += [f"| {r['variant']} | {ms(r['cil'])} | {ms(r['forgetting'])} |" for r in run["rows"]]
-        if run.get("notes"):
-            out += [""] + [f"- {n}" for n in run["notes"]]
+    def ms(row, seeds):
+        v = row.get("cil")
+        if v is None:
+            return "-"
+        n = len(row.get("seeds", seeds))
+        return f"{v['mean']:.3f} ± {v['std']:.3f}" + ("" if n == len(seeds) else f" ({n} seeds)")
+    for section, title in (("accuracy_compare", "Accuracy: paper against parity and the baselines"),
+                           ("accuracy_select", "Accuracy on validation data: the ablation that chose the defaults")):
+        for run in doc.get(section, []):
+            streams = list(run["streams"])
+            rows = list(dict.fromkeys(m for s in streams for m in run["streams"][s]))
+            recipe = "; ".join(f"{s}: {r['epochs']} + {r['consolidation_epochs']} epochs, memory {r['memory_size']}"
+                               for s, r in run["recipes"].items() if s in streams)
+            out += ["", f"### {title} (`benchmarks/accuracy.py {run['bench']}`)", "",
+                    f"Final class-IL accuracy, mean ± std over seeds {', '.join(map(str, run['seeds']))} (where not said "
+                    f"otherwise), on the {run['split']} splits ({recipe}); commit {run['commit']}.", "",
+                    "| | " + " | ".join(streams) + " |", "|---" * (len(streams) + 1) + "|"]
+            out += [f"| {m} | " + " | ".join(ms(run["streams"][s].get(m, {}), run["seeds"]) for s in streams) + " |"
+                    for m in rows]
     return out
 
 
@@ -268,7 +279,7 @@ def render_machine(doc: dict, link_dir: str = "results") -> list:
     out[-1] += " " + ", ".join(f for f in facts if f) + "."
     if m.get("notes"):
         out += ["", m["notes"]]
-    for part in (_e2e, _contention, _stream_scale, _kernels, _distributed, _autods, _ablation):
+    for part in (_e2e, _contention, _stream_scale, _accuracy, _kernels, _distributed, _autods):
         out += part(doc)
     return out
 

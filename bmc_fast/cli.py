@@ -75,6 +75,12 @@ def _stream_loader(args, seed: int):
     """A function reading the task stream that ``args`` name (run on every rank when distributed)."""
     from .data import demo_stream, load_features
 
+    if args.stream and args.features:
+        raise UserError("--stream and --features name two streams: give one of them")
+    if args.stream:
+        from .data.suite import suite_stream
+
+        return lambda: suite_stream(args.stream, seed=seed)
     if not args.features:
         return lambda: demo_stream(seed=seed)
 
@@ -342,6 +348,11 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"samples the memory keeps over all tasks seen {preset_default('memory_size')}")
     r.add_argument("--device", metavar="DEV", help=f"cpu, cuda or cuda:N {preset_default('device')}")
     r.add_argument("--seed", type=int, default=0, help="random seed (demo split, initialisation, batches, dropout)")
+    from .data.suite import SUITE_STREAMS
+
+    r.add_argument("--stream", choices=list(SUITE_STREAMS), metavar="NAME",
+                   help="a stream of the accuracy suite, offline: " + ", ".join(SUITE_STREAMS) +
+                        " (default: the embedded digits stream; see benchmarks/accuracy.py)")
     r.add_argument("--features", metavar="DIR", help="a folder written by `bmc-fast convert-autods` "
                                                      "(default: the embedded digits stream)")
     r.add_argument("--checkpoint-dir", metavar="DIR",

@@ -323,7 +323,7 @@ def test_parity_preset_fields_and_docstring():
             parity.dropout, parity.early_stopping, parity.task_coef) == \
         (0.01, 0.01, 0.01, 20, 100, 64, 64, 10000, 10000, 0.3, 0, 1.0)
     assert (paper.memory_policy, paper.schedule, paper.consolidation_sampler, paper.consolidation_ce, paper.mixup,
-            paper.val_split, paper.public_buffer_count) == ("cap", "groups", "balanced", "seen", "beta", "buffers",
+            paper.val_split, paper.public_buffer_count) == ("keep", "groups", "balanced", "seen", "beta", "buffers",
                                                             False)
     differ = [k for k in PARITY if getattr(paper, k) != getattr(parity, k)]
     doc = BMCConfig.preset.__doc__

@@ -34,8 +34,8 @@ class BMCConfig:
     buffer_dtype: str = "float32"     # "float32" | "float16" for stored features / logits
     store_logits: bool = False
     memory_size: int = 10000
-    memory_policy: str = "cap"        # "cap": consolidate on memory_size samples; "keep": on the new buffers in full
-                                      # + the kept memory, then cut every buffer to ceil(memory_size / J) + 1
+    memory_policy: str = "keep"       # "keep": consolidate on the new buffers in full + the kept memory, then cut every
+                                      # buffer to ceil(memory_size / J) + 1; "cap": every buffer cut to its quota first
     schedule: str = "groups"          # "groups": consecutive groups of K; "public": the public code's trigger
     consolidation_epochs: int = 100
     consolidation_lr: float = 0.01
@@ -126,7 +126,8 @@ class BMCConfig:
 
         * ``n_experts=1``: a consolidation after every task (the public default K).
         * ``schedule="public"``: groups {0}, {1..K}, {K+1..2K}, ...; trailing tasks never consolidated.
-        * ``memory_policy="keep"``: new buffers in full + kept memory; then ceil(memory_size / J) + 1 each.
+        * ``memory_policy="keep"`` (the paper preset's default too): new buffers in full + kept memory;
+          then ceil(memory_size / J) + 1 each.
         * ``public_buffer_count=True``: buffer_size + 1 samples per buffer, from one drop_last pass.
         * ``stability_coef=distill_coef=kd_coef=0``: plain CE on the buffers' labels; experts only pick data.
         * ``mixup="uniform"``, ``mixup_alpha=0.4``: consolidation mixup, one weight per batch ~ U(0.6, 1).

@@ -129,18 +129,14 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
     else:
         members = [copy.deepcopy(base) for _ in range(k)]
         label_offsets = [o for o, _ in ranges]
-    # Inputs of all K tasks in one padded tensor in their stored dtype (float16 features stay
-    # float16), labels in the experts' heads: a step gathers [K, B, ...] at once and converts
-    # only that batch to float32.
-    x_dtype = tasks[0].x_train.dtype
-    for t in tasks[1:]:
-        x_dtype = torch.promote_types(x_dtype, t.x_train.dtype)
-    x_pad = torch.zeros((k, max(sizes)) + tasks[0].input_shape, dtype=x_dtype)
+    # Inputs stay where and as they are stored (a memory-mapped float16 task stays mapped and
+    # float16): a step gathers its [K, B, ...] rows task by task and converts only them to
+    # float32. Labels, in the experts' heads, in one padded [K, N] tensor.
+    xs = [t.x_train.to(device) for t in tasks]
     y_pad = torch.zeros(k, max(sizes), dtype=torch.long)
     for i, t in enumerate(tasks):
-        x_pad[i, :sizes[i]] = t.x_train
         y_pad[i, :sizes[i]] = t.y_train + label_offsets[i]
-    x_pad, y_pad, idx = x_pad.to(device), y_pad.to(device), idx.to(device)
+    y_pad, idx = y_pad.to(device), idx.to(device)
 
     # The frozen base gives the stability targets (its features; the head is not needed).
     frozen = (base.head_rows(0, 1) if narrow else copy.deepcopy(base)).eval()
@@ -149,17 +145,21 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
     loss = LossSpec(ce_scale=cfg.task_coef / cfg.batch_size, ce_reduction="sum", stability=cfg.stability,
                     stability_coef=cfg.stability_coef if stab else 0.0)
 
-    # Step s's rows of every task as one index_select over the [K * N] rows of a [K, N, ...]
-    # tensor (advanced indexing t[rows, idx[:, s]] costs ~3x more at these sizes).
-    flat_idx = (torch.arange(k, device=device)[:, None, None] * x_pad.shape[1] + idx).transpose(0, 1).contiguous()
+    # Step s's rows of a [K, N, ...] tensor (labels, base features) as one index_select over its
+    # [K * N] rows (advanced indexing t[rows, idx[:, s]] costs ~3x more at these sizes).
+    n_pad = y_pad.shape[1]
+    flat_idx = (torch.arange(k, device=device)[:, None, None] * n_pad + idx).transpose(0, 1).contiguous()
 
     def rows_of_step(t, s):  # [K, N, ...] -> [K, B, ...]
         return torch.index_select(t.view((-1,) + t.shape[2:]), 0, flat_idx[s].view(-1)).view((k, -1) + t.shape[2:])
 
     def batch(s):
-        return rows_of_step(x_pad, s).float(), rows_of_step(y_pad, s)
+        xb = torch.empty((k, idx.shape[2]) + tuple(xs[0].shape[1:]), dtype=torch.float32, device=device)
+        for i, x in enumerate(xs):
+            xb[i] = x.index_select(0, idx[i, s])
+        return xb, rows_of_step(y_pad, s)
 
-    table = (_base_feature_table(frozen, x_pad, sizes, cfg.base_feature_table_mb)
+    table = (_base_feature_table(frozen, xs, n_pad, cfg.base_feature_table_mb)
              if stab and cfg.stability == "feature" and cfg.base_feature_table_mb > 0 else None)
 
     def base_features(xb, s):  # [K, B, ...] -> [K, B, F], the frozen base on the same batches
@@ -185,21 +185,19 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
 
 
 @torch.no_grad()
-def _base_feature_table(frozen: nn.Module, x_pad: torch.Tensor, sizes: list[int], budget_mb: float,
-                        chunk: int = 4096):
-    """[K, N, F] features of the frozen base for the padded task inputs, or None above
-    ``budget_mb``. Computed once, before the expert steps: a few large forward passes instead of
-    one small one per step (and per epoch). Eval mode makes a sample's features independent of
-    its batch, so this is the same as computing them batch by batch."""
-    k, n = x_pad.shape[:2]
-    probe = frozen(x_pad[0, :1].float())[1]
-    if k * n * probe[0].numel() * probe.element_size() > budget_mb * 2**20:
+def _base_feature_table(frozen: nn.Module, xs: list, n_pad: int, budget_mb: float, chunk: int = 4096):
+    """[K, n_pad, F] features of the frozen base for the K tasks' inputs ``xs`` (zero past each
+    task's end), or None above ``budget_mb``. Computed once, before the expert steps: a few large
+    forward passes instead of one small one per step (and per epoch). Eval mode makes a sample's
+    features independent of its batch, so this is the same as computing them batch by batch."""
+    probe = frozen(xs[0][:1].float())[1]
+    if len(xs) * n_pad * probe[0].numel() * probe.element_size() > budget_mb * 2**20:
         return None
-    table = torch.zeros((k, n) + tuple(probe.shape[1:]), dtype=probe.dtype, device=probe.device)
-    for i, size in enumerate(sizes):
-        for a in range(0, size, chunk):
-            b = min(size, a + chunk)
-            table[i, a:b] = frozen(x_pad[i, a:b].float())[1]
+    table = torch.zeros((len(xs), n_pad) + tuple(probe.shape[1:]), dtype=probe.dtype, device=probe.device)
+    for i, x in enumerate(xs):
+        for a in range(0, x.shape[0], chunk):
+            b = min(x.shape[0], a + chunk)
+            table[i, a:b] = frozen(x[a:b].float())[1]
     return table
 
 
