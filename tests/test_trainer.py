@@ -328,6 +328,40 @@ def test_uneven_tasks_and_float16_inputs_train_and_keep_their_dtype():
     assert all(a.buffer.x.dtype == torch.float16 for a in arts)  # kept as stored, converted per batch
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_uneven_experts_take_their_own_epochs_and_match_training_alone(fused):
+    """Each expert takes epochs x ceil(n / batch) steps of its own task: in a stack whose middle
+    task ends first (the others go on as two stacks) it trains as it does alone, or sequentially;
+    made to take the longest task's steps, it trains to something else."""
+    import dataclasses
+
+    from bmc_fast.train.experts import expert_steps
+
+    g = torch.Generator().manual_seed(0)
+    sizes, classes = [200, 40, 130], [2, 3, 2]
+    stream = TaskStream([Task(f"t{i}", torch.randn(n, 12, generator=g), torch.randint(0, c, (n,), generator=g),
+                              torch.randn(10, 12, generator=g), torch.randint(0, c, (10,), generator=g), c)
+                         for i, (n, c) in enumerate(zip(sizes, classes))])
+    # fused: the default ResMLP through the one-call step; else a generic module stacked by vmap
+    cfg = BMCConfig(n_experts=3, epochs=2, batch_size=16, keep_expert_states=True, progress=False, threads=None,
+                    lr=0.01 if fused else 1e-3)
+    torch.manual_seed(0)
+    base = ResMLP(12, stream.num_classes) if fused else _MLP(12, stream.num_classes)
+    stacked = train_experts(base, stream, [0, 1, 2], cfg, step_index=1)
+    seq = train_experts(base, stream, [0, 1, 2], dataclasses.replace(cfg, parallel="sequential"), step_index=1)
+    for t in range(3):
+        alone = train_experts(base, stream, [t], cfg, step_index=1)[0]
+        for other in (stacked[t], seq[t]):
+            for name, v in alone.state.items():
+                torch.testing.assert_close(other.state[name], v, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, name=name, t=t: f"task {t} {name}: {m}")
+    longest = expert_steps(max(sizes), 16, 2)
+    forced = train_experts(base, stream, [1], cfg, step_index=1, steps=longest)[0]
+    assert expert_steps(40, 16, 2) < longest
+    name = next(iter(forced.state))
+    assert not torch.allclose(forced.state[name], stacked[1].state[name])
+
+
 def test_consolidation_trains_the_seen_classes_head_rows_only():
     # Memory of tasks 0-1 (5 classes seen) in a head of 14: the default ResMLP consolidates with
     # the 5 seen rows (the unseen ones stay as they were), and trains what the whole head trains.

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .experts import expert_steps, train_experts
+from .experts import train_experts
 from .loop import BMC, ExpertRunner, _config_key
 from .metrics import Result
 
@@ -155,8 +155,7 @@ class DistributedExperts(ExpertRunner):
         for t in model.state_dict().values():  # the base, from rank 0
             _collective(f"step {step_index}: broadcast base", dist.broadcast, t, src=0)
         mine = rank_tasks(task_ids, self.rank, self.world)
-        steps = expert_steps(stream, task_ids, cfg.batch_size, cfg.epochs)
-        arts = train_experts(model, stream, mine, cfg, step_index, use_stability=use_stability, steps=steps,
+        arts = train_experts(model, stream, mine, cfg, step_index, use_stability=use_stability,
                              progress=progress) if mine else []
         gathered = [None] * self.world if self.is_main else None
         t0 = time.perf_counter()

@@ -14,11 +14,12 @@ state, buffer) that can be saved and moved to another process. Three ways to run
 * ``"streams"``: K ordinary modules, each stepping on its own CUDA stream.
 * ``"sequential"``: the simple loop, one expert after another.
 
-Every expert of an incremental step takes the same number of training steps (``ceil(largest task
-of the step / batch) * epochs``) over fixed-size batches drawn from its own cycling permutation of
-its task. Its batch order and its dropout masks (on the fused ResMLP) are keyed by (seed, task id,
-training step) only (:mod:`bmc_fast.train.seeding`), so the three modes, and any split of the
-step's tasks over processes, train the same experts up to float rounding.
+Every expert takes ``epochs`` passes over its own task: ``ceil(task size / batch) * epochs``
+steps (:func:`expert_steps`) over fixed-size batches drawn from its own cycling permutation of
+its task; the stack shrinks as the experts of smaller tasks finish. Its batch order and its
+dropout masks (on the fused ResMLP) are keyed by (seed, task id, training step) only
+(:mod:`bmc_fast.train.seeding`), so the three modes, any stack it shares, and any split of the
+step's tasks over processes train the same expert up to float rounding.
 """
 from __future__ import annotations
 
@@ -68,10 +69,10 @@ def resolve_parallel(mode: str, device) -> str:
     return "stacked" if mode == "auto" else mode
 
 
-def expert_steps(stream, task_ids: list[int], batch_size: int, epochs: int) -> int:
-    """The training steps of every expert of an incremental step: ``ceil(largest task / batch) *
-    epochs`` over all the step's tasks (also those another process trains)."""
-    return math.ceil(max(stream[t].x_train.shape[0] for t in task_ids) / batch_size) * epochs
+def expert_steps(n: int, batch_size: int, epochs: int) -> int:
+    """The training steps of the expert of a task of ``n`` samples: ``epochs`` passes of
+    ``ceil(n / batch_size)`` batches."""
+    return math.ceil(n / batch_size) * epochs
 
 
 @dataclass
@@ -79,7 +80,8 @@ class _Phase:
     """What the expert loops share: the step's tasks, batches, loss and randomness."""
     cfg: object
     task_ids: list
-    steps: int
+    steps: int                 # the longest expert's steps
+    ends: list                 # every expert's own steps
     step_index: int
     batch: object              # s -> ([K, B, ...] inputs, [K, B] global labels)
     base_features: object      # ([K, B, ...], s) -> [K, B, F] features of the frozen base
@@ -102,7 +104,7 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
     """Trains one expert per task in ``task_ids`` (consecutive task ids) from ``base`` (left
     unchanged) and returns their artifacts. ``cfg`` is a :class:`bmc_fast.BMCConfig`;
     ``step_index`` the incremental step; ``steps`` the training steps of every expert (default:
-    :func:`expert_steps` of ``task_ids``). ``whole_head=True`` trains the default ResMLP's
+    each its own, :func:`expert_steps` of its task). ``whole_head=True`` trains the default ResMLP's
     experts with the whole head instead of their task's rows (same experts up to rounding)."""
     if list(task_ids) != list(range(task_ids[0], task_ids[0] + len(task_ids))):
         raise ValueError(f"task_ids must be consecutive task ids, got {task_ids}")
@@ -111,10 +113,10 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
     k = len(task_ids)
     tasks = [stream[t] for t in task_ids]
     sizes = [t.x_train.shape[0] for t in tasks]
-    if steps is None:
-        steps = expert_steps(stream, task_ids, cfg.batch_size, cfg.epochs)
+    ends = [steps if steps is not None else expert_steps(n, cfg.batch_size, cfg.epochs) for n in sizes]
+    steps = max(ends)
     idx = torch.stack([expert_batches(n, steps, cfg.batch_size, seeding.generator(cfg.seed, "expert_batches", t))
-                       for n, t in zip(sizes, task_ids)])
+                       for n, t in zip(sizes, task_ids)])  # expert i reads the first ends[i] rows
     ranges = [stream.task_range(t) for t in task_ids]
     base = base.to(device)
     stab = use_stability and cfg.stability_coef > 0
@@ -169,7 +171,7 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
             return frozen(xb.reshape((-1,) + xb.shape[2:]))[1].view(xb.shape[0], xb.shape[1], -1)
 
     head_len = torch.tensor([n for _, n in ranges], device=device)
-    phase = _Phase(cfg, list(task_ids), steps, step_index, batch, base_features,
+    phase = _Phase(cfg, list(task_ids), steps, ends, step_index, batch, base_features,
                    torch.tensor(label_offsets, device=device), head_len, loss,
                    flat_params(frozen).detach() if stab and cfg.stability == "weight" else None, progress)
     experts, losses, step = (_train_stacked if mode == "stacked" else _train_each)(members, phase, mode)
@@ -201,46 +203,113 @@ def _base_feature_table(frozen: nn.Module, xs: list, n_pad: int, budget_mb: floa
     return table
 
 
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """Maximal ranges [a, b) of consecutive slots in the sorted ``slots``."""
+    out = []
+    for i in slots:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+class _StackRun:
+    """Experts ``[a, b)`` of the stack as one stacked model for a segment of steps: their slices
+    of the stack's parameters, buffers and AdamW moments (``count`` steps taken so far), and one
+    step over them (the one-call C++ step where it applies). :meth:`write_back` returns them."""
+
+    def __init__(self, ph: _Phase, skeleton, a: int, b: int, params: dict, buffers: dict, moments: dict,
+                 count: int, fused: bool):
+        cfg = ph.cfg
+        self.ph, self.a, self.b, self.kk = ph, a, b, b - a
+        self.params = {n: p[a:b].clone().requires_grad_(True) for n, p in params.items()}
+        self.buffers = {n: t[a:b].clone() for n, t in buffers.items()}
+        self.opt = adamw(self.params.values(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
+        if count:  # the moments and step count the experts' AdamW reached in earlier segments
+            on_device = bool(self.opt.defaults.get("fused") or self.opt.defaults.get("capturable"))
+            for n, p in self.params.items():
+                m, v = moments[n]
+                self.opt.state[p] = {"step": torch.tensor(float(count), device=p.device if on_device else "cpu"),
+                                     "exp_avg": m[a:b].clone(), "exp_avg_sq": v[a:b].clone()}
+        lists = forward = None
+        if fused:
+            lists = fused_args(skeleton, self.params, self.buffers)  # the same tensors every step: built once
+        else:
+            batched = vmap(lambda p, bf, x: functional_call(skeleton, (p, bf), (x,)), randomness="different")
+
+            def forward(x, seeds=None, first_model=0):
+                return batched(self.params, self.buffers, x)
+        kk = self.kk
+        self.step = build_step(skeleton, self.opt, ph.loss, cfg, ph.batch(count)[0][a:b], stacked=True, lists=lists,
+                               forward=forward, base_flat=ph.base_flat,
+                               params_flat=lambda: torch.cat([p.reshape(kk, -1) for p in self.params.values()], 1))
+        bsz = cfg.batch_size
+        self.off_rows, self.ln_rows = ph.off[a:b].repeat_interleave(bsz), ph.ln[a:b].repeat_interleave(bsz)
+        self.loss = torch.zeros(())
+
+    def __call__(self, xb, yb, hb, s: int):
+        a, b = self.a, self.b
+        batch = {"labels": yb[a:b].reshape(-1), "ce_offset": self.off_rows, "ce_len": self.ln_rows}
+        if hb is not None:
+            batch["base_features"] = hb[a:b]
+        # model k of this run is task task_ids[a] + k: its dropout masks do not depend on the run
+        self.loss = self.step(xb[a:b], batch, self.ph.seeds(s), self.ph.task_ids[a])
+
+    @torch.no_grad()
+    def write_back(self, params: dict, buffers: dict, moments: dict) -> None:
+        a, b = self.a, self.b
+        for n, p in self.params.items():
+            params[n][a:b] = p
+            st = self.opt.state[p]
+            moments[n][0][a:b] = st["exp_avg"]
+            moments[n][1][a:b] = st["exp_avg_sq"]
+        for n, t in self.buffers.items():
+            buffers[n][a:b] = t
+
+
 def _train_stacked(members: list, ph: _Phase, mode: str):
-    """The K experts (``members``, of one shape) as one stacked model: one step trains all."""
-    cfg, k, bsz = ph.cfg, len(ph.task_ids), ph.cfg.batch_size
+    """The K experts (``members``, of one shape) as one stacked model: one step trains all.
+    Expert i takes ``ph.ends[i]`` steps: when the shortest ones are done, the others go on as
+    stacks of consecutive experts (their state and AdamW moments carried over), so an expert
+    trains the same as alone (its batches and dropout masks depend on its task and step only)."""
+    cfg, k = ph.cfg, len(ph.task_ids)
     base = members[0]
     for m in members:
         m.train()
     params, buffers = stack_module_state(members)
-    params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    params = {n: p.detach().clone() for n, p in params.items()}
+    buffers = {n: t.detach().clone() for n, t in buffers.items()}
+    moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     skeleton = copy.deepcopy(base).to("meta").train()  # whatever mode the base was left in
-    opt = adamw(params.values(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
-    x0 = ph.batch(0)[0] if ph.steps else None
-    lists = forward = None
-    if ph.steps and isinstance(base, ResMLP) and base.fused and cfg.fused_backbone and fused_path_available(base, x0[0]):
-        lists = fused_args(skeleton, params, buffers)  # the same tensors every step: built once
-    else:
-        batched = vmap(lambda p, b, x: functional_call(skeleton, (p, b), (x,)), randomness="different")
-
-        def forward(x, seeds=None, first_model=0):
-            return batched(params, buffers, x)
-    step = build_step(skeleton, opt, ph.loss, cfg, x0, stacked=True, lists=lists, forward=forward,
-                      base_flat=ph.base_flat,
-                      params_flat=lambda: torch.cat([p.reshape(k, -1) for p in params.values()], 1)) if ph.steps else None
-    off_rows, ln_rows = ph.off.repeat_interleave(bsz), ph.ln.repeat_interleave(bsz)
-    loss_val = torch.zeros(())
-    for s in range(ph.steps):
-        xb, yb = ph.batch(s)
-        b = {"labels": yb.reshape(-1), "ce_offset": off_rows, "ce_len": ln_rows}
-        if ph.feature_stability:
-            b["base_features"] = ph.base_features(xb, s)
-        loss_val = step(xb, b, ph.seeds(s), ph.task_ids[0])
-        if ph.progress is not None:
-            ph.progress.update(1)
+    fused = bool(ph.steps) and isinstance(base, ResMLP) and base.fused and cfg.fused_backbone and \
+        fused_path_available(base, ph.batch(0)[0][0])
+    losses, step = [float("nan")] * k, None
+    done, active = 0, [i for i in range(k) if ph.ends[i] > 0]
+    while active:
+        end = min(ph.ends[i] for i in active)
+        runs = [_StackRun(ph, skeleton, a, b, params, buffers, moments, done, fused) for a, b in _runs(active)]
+        step = step or runs[0].step
+        for s in range(done, end):
+            xb, yb = ph.batch(s)
+            hb = ph.base_features(xb, s) if ph.feature_stability else None
+            for r in runs:
+                r(xb, yb, hb, s)
+            if ph.progress is not None:
+                ph.progress.update(1)
+        for r in runs:
+            r.write_back(params, buffers, moments)
+            losses[r.a:r.b] = [float(r.loss) / r.kk] * r.kk
+        done, active = end, [i for i in active if ph.ends[i] > end]
     with torch.no_grad():
         for i, m in enumerate(members):
             m.load_state_dict({**{n: p[i] for n, p in params.items()}, **{n: b[i] for n, b in buffers.items()}})
-    return members, [float(loss_val) / k] * k, step
+    return members, losses, step
 
 
 def _train_each(members: list, ph: _Phase, mode: str):
-    """One model per expert: one after another ("sequential") or each on its own CUDA stream."""
+    """One model per expert: one after another ("sequential") or each on its own CUDA stream;
+    expert i takes ``ph.ends[i]`` steps."""
     cfg, k, bsz = ph.cfg, len(ph.task_ids), ph.cfg.batch_size
     device = ph.off.device
     for m in members:
@@ -265,17 +334,18 @@ def _train_each(members: list, ph: _Phase, mode: str):
                 b["base_features"] = hb[i:i + 1]
             last[i] = steps[i](xb[i], b, seeds, ph.task_ids[i])
 
+        live = [i for i in range(k) if s < ph.ends[i]]
         if streams is None:
-            for i in range(k):
+            for i in live:
                 one(i)
         else:
             cur = torch.cuda.current_stream(device)
-            for i in range(k):
+            for i in live:
                 streams[i].wait_stream(cur)
                 with torch.cuda.stream(streams[i]):
                     one(i)
-            for st in streams:
-                cur.wait_stream(st)
+            for i in live:
+                cur.wait_stream(streams[i])
         if ph.progress is not None:
             ph.progress.update(1)
     return members, [float(v) for v in last], (steps[0] if steps else None)
