@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from bmc_fast.backbone import ResMLP, inference_rows
 from bmc_fast.data import Task, TaskStream
 from bmc_fast.train.metrics import Result, evaluate_rows
 
@@ -37,7 +38,7 @@ def _naive(model, stream, i, full_head):
 
 
 @pytest.mark.parametrize("full_head", [False, True])
-@pytest.mark.parametrize("chunk", [7, 8192])
+@pytest.mark.parametrize("chunk", [7, 8192, None])
 def test_rows_from_one_pass_equal_the_per_row_evaluation(full_head, chunk):
     stream = _stream()
     model = _Model(5, stream.num_classes)
@@ -75,3 +76,16 @@ def test_the_default_model_is_evaluated_on_the_seen_classes_only():
             want = _naive(lambda x: model(x), stream, i, False)
             np.testing.assert_allclose(got[i][0], want[0])
             np.testing.assert_allclose(got[i][1], want[1])
+
+
+def test_the_default_chunks_give_the_matrices_of_one_pass_per_task():
+    """Tasks larger than the CPU's inference chunk: the same accuracies as whole-task passes."""
+    rows = inference_rows("cpu")
+    assert rows == 2048 and inference_rows("meta") == 8192
+    stream = _stream(sizes=(3, 5), n=rows + 300, d=16)
+    torch.manual_seed(0)
+    model = ResMLP(16, stream.num_classes)
+    chunked = evaluate_rows(model, stream, [0, 1], "cpu")
+    whole = evaluate_rows(model, stream, [0, 1], "cpu", batch=10 * rows)
+    assert chunked == whole
+    assert 0 < chunked[1][0][0] < 1

@@ -20,7 +20,16 @@ from torch import nn
 
 from .. import _ext, _torch_compat as compat
 
-__all__ = ["ResMLP", "resmlp_forward", "resmlp_train_forward", "fused_args", "fused_path_available"]
+__all__ = ["ResMLP", "resmlp_forward", "resmlp_train_forward", "fused_args", "fused_path_available",
+           "inference_rows"]
+
+
+def inference_rows(device) -> int:
+    """Rows per forward pass when a model runs without autograd over many samples (evaluation,
+    buffers, the base-feature table). On the CPU, 2,048: a chunk's activations and logits stay in
+    cache, and passes of 8,192 rows ran 1.2-1.4x slower for the same products on a 2-core Zen 3.
+    Elsewhere 8,192. Eval mode makes a sample's outputs independent of the chunk it is in."""
+    return 2048 if torch.device(device).type == "cpu" else 8192
 
 
 class _ResBlock(nn.Module):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from ..backbone import ResMLP, fused_args, fused_path_available
+from ..backbone import ResMLP, fused_args, fused_path_available, inference_rows
 from . import seeding
 from .memory import Buffer, buffer_count
 from .step import LossSpec, adamw, build_step, describe
@@ -187,7 +187,7 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
 
 
 @torch.no_grad()
-def _base_feature_table(frozen: nn.Module, xs: list, n_pad: int, budget_mb: float, chunk: int = 4096):
+def _base_feature_table(frozen: nn.Module, xs: list, n_pad: int, budget_mb: float):
     """[K, n_pad, F] features of the frozen base for the K tasks' inputs ``xs`` (zero past each
     task's end), or None above ``budget_mb``. Computed once, before the expert steps: a few large
     forward passes instead of one small one per step (and per epoch). Eval mode makes a sample's
@@ -196,6 +196,7 @@ def _base_feature_table(frozen: nn.Module, xs: list, n_pad: int, budget_mb: floa
     if len(xs) * n_pad * probe[0].numel() * probe.element_size() > budget_mb * 2**20:
         return None
     table = torch.zeros((len(xs), n_pad) + tuple(probe.shape[1:]), dtype=probe.dtype, device=probe.device)
+    chunk = inference_rows(probe.device)
     for i, x in enumerate(xs):
         for a in range(0, x.shape[0], chunk):
             b = min(x.shape[0], a + chunk)
@@ -365,7 +366,7 @@ def _make_buffer(expert: nn.Module, stream, t: int, cfg, logit_offset: int) -> B
     device = torch.device(cfg.device)
     expert.eval()
     feats, logits = [], []
-    for chunk in torch.split(x, 4096):
+    for chunk in torch.split(x, inference_rows(device)):
         lg, h = expert(chunk.to(device).float())
         feats.append(h.float().cpu())
         logits.append(lg[:, logit_offset:logit_offset + ln].float().cpu())

@@ -10,18 +10,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..backbone import inference_rows
+
 __all__ = ["evaluate", "evaluate_rows", "Result"]
 
 
 @torch.no_grad()
-def evaluate_rows(model, stream, rows: list[int], device, full_head: bool = False, batch: int = 8192) -> dict:
+def evaluate_rows(model, stream, rows: list[int], device, full_head: bool = False, batch: int | None = None) -> dict:
     """Rows of the accuracy matrices for one model: ``{i: (cil, til)}`` with the accuracies on the
     test split of every task j <= i, from one forward pass over each task's test data (the rows
     differ only in the classes their class-IL argmax may choose).
 
     Class-IL of row i: argmax over the classes of tasks 0..i (over the whole head with
-    ``full_head``). Task-IL: argmax inside task j's own range (the same in every row)."""
+    ``full_head``). Task-IL: argmax inside task j's own range (the same in every row). ``batch``:
+    test samples per forward pass (default :func:`bmc_fast.backbone.inference_rows`)."""
     rows = sorted(set(int(i) for i in rows))
+    batch = batch or inference_rows(device)
     was = model.training
     model.eval()
     bounds = [stream.offsets[i] + stream[i].num_classes for i in rows]
@@ -68,7 +72,7 @@ def evaluate_rows(model, stream, rows: list[int], device, full_head: bool = Fals
     return out
 
 
-def evaluate(model, stream, upto: int, device, full_head: bool = False, batch: int = 8192):
+def evaluate(model, stream, upto: int, device, full_head: bool = False, batch: int | None = None):
     """Accuracies of ``model`` after task ``upto`` on the test split of every task j <= upto: two
     lists (class-IL, task-IL) of length upto + 1 (:func:`evaluate_rows` of one row)."""
     return evaluate_rows(model, stream, [upto], device, full_head, batch)[upto]
