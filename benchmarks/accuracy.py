@@ -39,7 +39,6 @@ VARIANTS = {
     "+ KD on stored logits": dict(kd_coef=1.0),
     "CE over each task's range": dict(consolidation_ce="task"),
     "memory policy cap": dict(memory_policy="cap"),
-    "memory policy keep": dict(memory_policy="keep"),
     "CE + mixup 0.4, no distillation": dict(distill_coef=0.0, mixup="uniform", mixup_alpha=0.4),
     "K = 1": dict(n_experts=1),
 }
@@ -114,11 +113,21 @@ def main(argv=None) -> int:
                         "same streams, seeds and recipes, as the row 'public code (K = 1)': a JSON "
                         "{stream: {\"values\": [final class-IL per seed], \"til_values\": [...]}}; trains nothing")
     args = p.parse_args(argv)
+    known = list(VARIANTS) if args.what == "select" else list(COMPARED)
+    for name in args.methods or []:
+        if name not in known:
+            p.error(f"--methods: {args.what} has no {name!r}; choose from {', '.join(known)}")
     if args.public:
-        with open(args.public) as f:
-            public = json.load(f)
-        table = {s: {PUBLIC: {"cil": _stats(v["values"]), "til": _stats(v["til_values"])}}
-                 for s, v in public.items() if s in RECIPES}
+        if args.what != "compare":
+            p.error("--public records test-split figures: use it with compare")
+        try:
+            with open(args.public) as f:
+                public = json.load(f)
+            table = {s: {PUBLIC: {"cil": _stats(v["values"]), "til": _stats(v["til_values"])}}
+                     for s, v in public.items() if s in RECIPES}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            p.error(f"--public {args.public}: expected {{stream: {{\"values\": [...], \"til_values\": [...]}}}} "
+                    f"({type(exc).__name__}: {exc})")
         print(_record("compare", table, {"public_code": "fostiropoulos/stream_benchmark d50b37a"}))
         return 0
     validation = args.what == "select"

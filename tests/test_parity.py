@@ -329,7 +329,7 @@ def test_parity_preset_fields_and_docstring():
     doc = BMCConfig.preset.__doc__
     assert all(f"{k}=" in doc for k in differ), [k for k in differ if f"{k}=" not in doc]
     # the memory policy is a choice in every preset
-    assert BMCConfig.preset("paper", memory_policy="keep").memory_policy == "keep"
+    assert BMCConfig.preset("paper", memory_policy="cap").memory_policy == "cap"
     assert BMCConfig.preset("parity", memory_policy="cap").memory_policy == "cap"
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bmc_fast.data.suite import SUITE_STREAMS, suite_stream
+from bmc_fast.data.suite import SUITE_STREAMS, _indices, _sources, suite_stream
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
@@ -30,23 +30,45 @@ def _rows(x):
 
 
 @pytest.mark.parametrize("name", SUITE_STREAMS)
-def test_validation_never_touches_test_data(name):
-    """validation=True: train and validation are a split of the training part; the test rows
-    appear in neither (rows compared after undoing the different standardisations is awkward,
-    so compare raw sizes and, per task, that train + validation = the full stream's train)."""
-    full, val = suite_stream(name, seed=3), suite_stream(name, seed=3, validation=True)
-    for a, b in zip(full, val):
-        assert b.x_train.shape[0] + b.x_test.shape[0] == a.x_train.shape[0]
-        assert abs(b.x_test.shape[0] / a.x_train.shape[0] - 0.2) < 0.02
-        # the same label multiset as the full stream's training split
-        assert sorted(torch.cat([b.y_train, b.y_test]).tolist()) == sorted(a.y_train.tolist())
+def test_no_seed_trains_or_validates_on_a_test_row(name):
+    """The test split of every task is the same for every seed; a validation stream's training and
+    validation rows are a partition of the full stream's training rows."""
+    for seed in (0, 3):
+        for task, x, y, key in _sources(name, seed):
+            train, test = _indices(y, key, seed, validation=False)
+            assert np.array_equal(test, _indices(y, key, seed + 1, validation=False)[1])
+            vtrain, vval = _indices(y, key, seed, validation=True)
+            assert not set(vtrain) & set(vval)
+            assert set(vtrain) | set(vval) == set(train), task
+            assert not (set(vtrain) | set(vval)) & set(test), task
+            assert abs(len(vval) / len(train) - 0.2) < 0.02
+    other = _indices(_sources(name, 0)[0][2], _sources(name, 0)[0][3], 1, validation=True)[1]
+    assert not np.array_equal(other, _indices(_sources(name, 0)[0][2], _sources(name, 0)[0][3], 0, validation=True)[1])
 
 
-def test_validation_split_is_disjoint_and_seeded():
+def test_suite_streams_use_the_split_indices():
+    """suite_stream serves the rows _indices names (checked on the unstandardised labels)."""
+    for validation in (False, True):
+        s = suite_stream("tabular-mix", seed=2, validation=validation)
+        for t, (_, x, y, key) in zip(s, _sources("tabular-mix", 2)):
+            y = np.searchsorted(np.unique(y), y)
+            train, test = _indices(y, key, 2, validation)
+            assert t.y_train.tolist() == y[train].tolist() and t.y_test.tolist() == y[test].tolist()
+
+
+def test_permuted_digits_tasks_share_one_partition():
+    """As in permuted-MNIST: an image is a test image in every task or in none."""
+    keys = {key for *_, key in _sources("permuted-digits", 0)}
+    assert len(keys) == 1
+    s = suite_stream("permuted-digits", seed=1)
+    assert all(torch.equal(t.y_test, s[0].y_test) for t in s)
+
+
+def test_validation_split_is_seeded():
     a = suite_stream("digits", seed=1, validation=True)
     b = suite_stream("digits", seed=1, validation=True)
     c = suite_stream("digits", seed=2, validation=True)
-    for ta, tb, tc in zip(a, b, c):
+    for ta, tb in zip(a, b):
         assert torch.equal(ta.x_train, tb.x_train) and torch.equal(ta.x_test, tb.x_test)
         assert not _rows(ta.x_train) & _rows(ta.x_test)
     assert not all(torch.equal(ta.x_test, tc.x_test) for ta, tc in zip(a, c))

@@ -126,8 +126,6 @@ class BMCConfig:
 
         * ``n_experts=1``: a consolidation after every task (the public default K).
         * ``schedule="public"``: groups {0}, {1..K}, {K+1..2K}, ...; trailing tasks never consolidated.
-        * ``memory_policy="keep"`` (the paper preset's default too): new buffers in full + kept memory;
-          then ceil(memory_size / J) + 1 each.
         * ``public_buffer_count=True``: buffer_size + 1 samples per buffer, from one drop_last pass.
         * ``stability_coef=distill_coef=kd_coef=0``: plain CE on the buffers' labels; experts only pick data.
         * ``mixup="uniform"``, ``mixup_alpha=0.4``: consolidation mixup, one weight per batch ~ U(0.6, 1).
@@ -136,6 +134,9 @@ class BMCConfig:
         * ``val_fraction=0.2``, ``val_split="pooled"``: 20% of all consolidation samples held out.
         * ``lr_patience=10``: ReduceLROnPlateau on the validation loss (no early stopping in either).
         * ``full_head=True``: class-IL argmax over the whole head, unseen tasks' classes included.
+
+        It also pins ``memory_policy="keep"`` (new buffers in full + kept memory, then
+        ceil(memory_size / J) + 1 each), the public code's policy and the ``paper`` default.
         """
         if name == "paper":
             base = {}
