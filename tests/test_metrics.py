@@ -89,3 +89,9 @@ def test_the_default_chunks_give_the_matrices_of_one_pass_per_task():
     whole = evaluate_rows(model, stream, [0, 1], "cpu", batch=10 * rows)
     assert chunked == whole
     assert 0 < chunked[1][0][0] < 1
+
+
+def test_a_chunk_of_no_rows_is_refused():
+    stream = _stream()
+    with pytest.raises(ValueError, match="batch must be a positive number of rows, got 0"):
+        evaluate_rows(_Model(5, stream.num_classes), stream, [0], "cpu", batch=0)

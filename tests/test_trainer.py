@@ -328,17 +328,19 @@ def test_uneven_tasks_and_float16_inputs_train_and_keep_their_dtype():
     assert all(a.buffer.x.dtype == torch.float16 for a in arts)  # kept as stored, converted per batch
 
 
+@pytest.mark.parametrize("sizes", [[200, 40, 130], [40, 200, 130]])
 @pytest.mark.parametrize("fused", [True, False])
-def test_uneven_experts_take_their_own_epochs_and_match_training_alone(fused):
+def test_uneven_experts_take_their_own_epochs_and_match_training_alone(fused, sizes):
     """Each expert takes epochs x ceil(n / batch) steps of its own task: in a stack whose middle
-    task ends first (the others go on as two stacks) it trains as it does alone, or sequentially;
-    made to take the longest task's steps, it trains to something else."""
+    task ends first (the others go on as two stacks), or whose first does (the others go on as
+    one stack of two from slot 1), it trains as it does alone, or sequentially; made to take the
+    longest task's steps, it trains to something else."""
     import dataclasses
 
     from bmc_fast.train.experts import expert_steps
 
     g = torch.Generator().manual_seed(0)
-    sizes, classes = [200, 40, 130], [2, 3, 2]
+    classes = [2, 3, 2]
     stream = TaskStream([Task(f"t{i}", torch.randn(n, 12, generator=g), torch.randint(0, c, (n,), generator=g),
                               torch.randn(10, 12, generator=g), torch.randint(0, c, (10,), generator=g), c)
                          for i, (n, c) in enumerate(zip(sizes, classes))])
@@ -356,10 +358,11 @@ def test_uneven_experts_take_their_own_epochs_and_match_training_alone(fused):
                 torch.testing.assert_close(other.state[name], v, rtol=1e-5, atol=1e-6,
                                            msg=lambda m, name=name, t=t: f"task {t} {name}: {m}")
     longest = expert_steps(max(sizes), 16, 2)
-    forced = train_experts(base, stream, [1], cfg, step_index=1, steps=longest)[0]
-    assert expert_steps(40, 16, 2) < longest
+    short = sizes.index(min(sizes))
+    forced = train_experts(base, stream, [short], cfg, step_index=1, steps=longest)[0]
+    assert expert_steps(min(sizes), 16, 2) < longest
     name = next(iter(forced.state))
-    assert not torch.allclose(forced.state[name], stacked[1].state[name])
+    assert not torch.allclose(forced.state[name], stacked[short].state[name])
 
 
 def test_consolidation_trains_the_seen_classes_head_rows_only():

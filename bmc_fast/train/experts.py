@@ -83,8 +83,8 @@ class _Phase:
     steps: int                 # the longest expert's steps
     ends: list                 # every expert's own steps
     step_index: int
-    batch: object              # s -> ([K, B, ...] inputs, [K, B] global labels)
-    base_features: object      # ([K, B, ...], s) -> [K, B, F] features of the frozen base
+    batch: object              # (s, lo, hi) -> ([hi - lo, B, ...] inputs, [hi - lo, B] global labels) of slots lo..hi-1
+    base_features: object      # (inputs, s, lo, hi) -> [hi - lo, B, F] features of the frozen base
     off: torch.Tensor          # [K] class offsets of the tasks
     ln: torch.Tensor           # [K] class counts
     loss: LossSpec
@@ -152,21 +152,24 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
     n_pad = y_pad.shape[1]
     flat_idx = (torch.arange(k, device=device)[:, None, None] * n_pad + idx).transpose(0, 1).contiguous()
 
-    def rows_of_step(t, s):  # [K, N, ...] -> [K, B, ...]
-        return torch.index_select(t.view((-1,) + t.shape[2:]), 0, flat_idx[s].view(-1)).view((k, -1) + t.shape[2:])
+    def rows_of_step(t, s, lo, hi):  # [K, N, ...] -> [hi - lo, B, ...]
+        rows = flat_idx[s, lo:hi].reshape(-1)
+        return torch.index_select(t.view((-1,) + t.shape[2:]), 0, rows).view((hi - lo, -1) + t.shape[2:])
 
-    def batch(s):
-        xb = torch.empty((k, idx.shape[2]) + tuple(xs[0].shape[1:]), dtype=torch.float32, device=device)
-        for i, x in enumerate(xs):
-            xb[i] = x.index_select(0, idx[i, s])
-        return xb, rows_of_step(y_pad, s)
+    # Only the slots of experts still training are gathered: the tail of a step with one long task
+    # reads one task's rows, not K.
+    def batch(s, lo=0, hi=k):
+        xb = torch.empty((hi - lo, idx.shape[2]) + tuple(xs[0].shape[1:]), dtype=torch.float32, device=device)
+        for i in range(lo, hi):
+            xb[i - lo] = xs[i].index_select(0, idx[i, s])
+        return xb, rows_of_step(y_pad, s, lo, hi)
 
     table = (_base_feature_table(frozen, xs, n_pad, cfg.base_feature_table_mb)
              if stab and cfg.stability == "feature" and cfg.base_feature_table_mb > 0 else None)
 
-    def base_features(xb, s):  # [K, B, ...] -> [K, B, F], the frozen base on the same batches
+    def base_features(xb, s, lo=0, hi=k):  # the frozen base on the same batches
         if table is not None:
-            return rows_of_step(table, s)
+            return rows_of_step(table, s, lo, hi)
         with torch.no_grad():
             return frozen(xb.reshape((-1,) + xb.shape[2:]))[1].view(xb.shape[0], xb.shape[1], -1)
 
@@ -242,20 +245,21 @@ class _StackRun:
             def forward(x, seeds=None, first_model=0):
                 return batched(self.params, self.buffers, x)
         kk = self.kk
-        self.step = build_step(skeleton, self.opt, ph.loss, cfg, ph.batch(count)[0][a:b], stacked=True, lists=lists,
+        self.step = build_step(skeleton, self.opt, ph.loss, cfg, ph.batch(count, a, b)[0], stacked=True, lists=lists,
                                forward=forward, base_flat=ph.base_flat,
                                params_flat=lambda: torch.cat([p.reshape(kk, -1) for p in self.params.values()], 1))
         bsz = cfg.batch_size
         self.off_rows, self.ln_rows = ph.off[a:b].repeat_interleave(bsz), ph.ln[a:b].repeat_interleave(bsz)
         self.loss = torch.zeros(())
 
-    def __call__(self, xb, yb, hb, s: int):
-        a, b = self.a, self.b
+    def __call__(self, xb, yb, hb, s: int, lo: int):
+        """One step on the batches of slots lo.. (``xb``, ``yb``, ``hb``): this run's are a - lo..b - lo."""
+        a, b = self.a - lo, self.b - lo
         batch = {"labels": yb[a:b].reshape(-1), "ce_offset": self.off_rows, "ce_len": self.ln_rows}
         if hb is not None:
             batch["base_features"] = hb[a:b]
-        # model k of this run is task task_ids[a] + k: its dropout masks do not depend on the run
-        self.loss = self.step(xb[a:b], batch, self.ph.seeds(s), self.ph.task_ids[a])
+        # model k of this run is task task_ids[self.a] + k: its dropout masks do not depend on the run
+        self.loss = self.step(xb[a:b], batch, self.ph.seeds(s), self.ph.task_ids[self.a])
 
     @torch.no_grad()
     def write_back(self, params: dict, buffers: dict, moments: dict) -> None:
@@ -273,7 +277,8 @@ def _train_stacked(members: list, ph: _Phase, mode: str):
     """The K experts (``members``, of one shape) as one stacked model: one step trains all.
     Expert i takes ``ph.ends[i]`` steps: when the shortest ones are done, the others go on as
     stacks of consecutive experts (their state and AdamW moments carried over), so an expert
-    trains the same as alone (its batches and dropout masks depend on its task and step only)."""
+    trains the same as alone: its batches depend on its task and step only, and so do its dropout
+    masks on the fused ResMLP (``vmap`` over other models draws them from torch's generator)."""
     cfg, k = ph.cfg, len(ph.task_ids)
     base = members[0]
     for m in members:
@@ -291,11 +296,12 @@ def _train_stacked(members: list, ph: _Phase, mode: str):
         end = min(ph.ends[i] for i in active)
         runs = [_StackRun(ph, skeleton, a, b, params, buffers, moments, done, fused) for a, b in _runs(active)]
         step = step or runs[0].step
+        lo, hi = active[0], active[-1] + 1
         for s in range(done, end):
-            xb, yb = ph.batch(s)
-            hb = ph.base_features(xb, s) if ph.feature_stability else None
+            xb, yb = ph.batch(s, lo, hi)
+            hb = ph.base_features(xb, s, lo, hi) if ph.feature_stability else None
             for r in runs:
-                r(xb, yb, hb, s)
+                r(xb, yb, hb, s, lo)
             if ph.progress is not None:
                 ph.progress.update(1)
         for r in runs:
@@ -325,17 +331,18 @@ def _train_each(members: list, ph: _Phase, mode: str):
     streams = [torch.cuda.Stream(device=device) for _ in range(k)] if mode == "streams" else None
     last = [torch.full((), float("nan"))] * k
     for s in range(ph.steps):
-        xb, yb = ph.batch(s)
-        hb = ph.base_features(xb, s) if ph.feature_stability else None
+        live = [i for i in range(k) if s < ph.ends[i]]
+        lo, hi = live[0], live[-1] + 1
+        xb, yb = ph.batch(s, lo, hi)
+        hb = ph.base_features(xb, s, lo, hi) if ph.feature_stability else None
         seeds = ph.seeds(s)
 
         def one(i):
-            b = {"labels": yb[i], "ce_offset": ph.off[i].expand(bsz), "ce_len": ph.ln[i].expand(bsz)}
+            b = {"labels": yb[i - lo], "ce_offset": ph.off[i].expand(bsz), "ce_len": ph.ln[i].expand(bsz)}
             if hb is not None:
-                b["base_features"] = hb[i:i + 1]
-            last[i] = steps[i](xb[i], b, seeds, ph.task_ids[i])
+                b["base_features"] = hb[i - lo:i - lo + 1]
+            last[i] = steps[i](xb[i - lo], b, seeds, ph.task_ids[i])
 
-        live = [i for i in range(k) if s < ph.ends[i]]
         if streams is None:
             for i in live:
                 one(i)

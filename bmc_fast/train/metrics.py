@@ -25,7 +25,10 @@ def evaluate_rows(model, stream, rows: list[int], device, full_head: bool = Fals
     ``full_head``). Task-IL: argmax inside task j's own range (the same in every row). ``batch``:
     test samples per forward pass (default :func:`bmc_fast.backbone.inference_rows`)."""
     rows = sorted(set(int(i) for i in rows))
-    batch = batch or inference_rows(device)
+    if batch is None:
+        batch = inference_rows(device)
+    elif int(batch) < 1:
+        raise ValueError(f"batch must be a positive number of rows, got {batch}")
     was = model.training
     model.eval()
     bounds = [stream.offsets[i] + stream[i].num_classes for i in rows]
