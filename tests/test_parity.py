@@ -344,3 +344,27 @@ def test_parity_preset_trains_with_every_option():
     assert len(vals) == 2 * 2 and all(np.isfinite(vals))  # steps {0}, {1, 2}; {3} never consolidated
     assert res.step_starts == [0, 1, 3]
     assert 0 <= res.final_cil_accuracy <= 1
+
+
+def test_parity_backbone_has_the_public_codes_block_widths():
+    """The public ResMLP's blocks go 128 -> 128 -> 256 and 256 -> 128 -> 256 (fc1 to 128 inside);
+    such a model trains through the plain modules (the fused op takes blocks of one width)."""
+    from bmc_fast import BMC
+    from bmc_fast.backbone import fused_path_available
+
+    model = BMC(BMCConfig.preset("parity")).model_fn(64, 10)
+    shapes = [(b.fc1.in_features, b.fc1.out_features, b.fc2.out_features, b.short.out_features)
+              for b in (model.block1, model.block2)]
+    assert shapes == [(128, 128, 256, 256), (256, 128, 256, 256)]
+    x = torch.randn(8, 64)
+    assert not fused_path_available(model, x)
+    assert fused_path_available(BMC(BMCConfig.preset("paper")).model_fn(64, 10), x)
+    logits, feats = model(x)
+    logits.sum().backward()
+    assert logits.shape == (8, 10) and feats.shape == (8, 256) and model.block1.fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "128"])
+def test_backbone_inner_is_checked(bad):
+    with pytest.raises(ValueError, match="BMCConfig.backbone_inner must be None or an int >= 1"):
+        BMCConfig(backbone_inner=bad)

@@ -33,12 +33,14 @@ def inference_rows(device) -> int:
 
 
 class _ResBlock(nn.Module):
-    """fc-BN-ReLU-fc-BN plus a Linear-BN shortcut, then ReLU and dropout."""
+    """fc-BN-ReLU-fc-BN plus a Linear-BN shortcut, then ReLU and dropout; the first fc goes to
+    ``d_mid`` features (default ``d_out``), the second back to ``d_out``."""
 
-    def __init__(self, d_in: int, d_out: int, dropout: float):
+    def __init__(self, d_in: int, d_out: int, dropout: float, d_mid: int | None = None):
         super().__init__()
-        self.fc1, self.bn1 = nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out)
-        self.fc2, self.bn2 = nn.Linear(d_out, d_out), nn.BatchNorm1d(d_out)
+        d_mid = d_mid or d_out
+        self.fc1, self.bn1 = nn.Linear(d_in, d_mid), nn.BatchNorm1d(d_mid)
+        self.fc2, self.bn2 = nn.Linear(d_mid, d_out), nn.BatchNorm1d(d_out)
         self.short, self.bn_s = nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out)
         self.drop = nn.Dropout(dropout)
 
@@ -66,18 +68,25 @@ class ResMLP(nn.Module):
     ``fused=True`` trains through the fused CPU kernels (same function, same parameters and
     buffers; dropout masks come from bmc_fast's counter-based generator, seeded from torch's
     default generator). ``fused=False`` is the plain eager module.
+
+    ``inner``: the width inside each residual block (the first fc's output; default ``width``).
+    The authors' public code has 128 there (``BMCConfig.preset("parity")`` sets it); such blocks
+    train through the plain modules, the fused kernels taking blocks of one width.
     """
 
     def __init__(self, input_dim: int, num_classes: int, hidden: int = 128, width: int = 256,
-                 dropout: float = 0.3, fused: bool = True):
+                 dropout: float = 0.3, fused: bool = True, inner: int | None = None):
         super().__init__()
         if input_dim < 1 or num_classes < 1:
             raise ValueError(f"input_dim and num_classes must be >= 1, got {input_dim}, {num_classes}")
+        if inner is not None and (isinstance(inner, bool) or not isinstance(inner, int) or inner < 1):
+            raise ValueError(f"inner must be None or an int >= 1, got {inner!r}")
         self.input_dim, self.num_classes, self.feature_dim = input_dim, num_classes, width
+        self.inner = inner or width
         self.fused = bool(fused)
         self.proj = nn.Linear(input_dim, hidden)
-        self.block1 = _ResBlock(hidden, width, dropout)
-        self.block2 = _ResBlock(width, width, dropout)
+        self.block1 = _ResBlock(hidden, width, dropout, self.inner)
+        self.block2 = _ResBlock(width, width, dropout, self.inner)
         self.head = nn.Linear(width, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -154,8 +163,8 @@ def fused_path_available(model: nn.Module, x: torch.Tensor) -> bool:
     """True when :func:`resmlp_train_forward` can train ``model`` on ``x``: a :class:`ResMLP` with
     standard BatchNorm layers (affine, running statistics, one eps and momentum), float32/float64
     CPU tensors, the extension loaded, no autocast, not under torch.compile or functorch
-    transforms, at least 2 rows (batch statistics)."""
-    if not (isinstance(model, ResMLP) and isinstance(x, torch.Tensor)):
+    transforms, at least 2 rows (batch statistics), blocks of one width (``inner == width``)."""
+    if not (isinstance(model, ResMLP) and isinstance(x, torch.Tensor)) or model.inner != model.feature_dim:
         return False
     if x.dtype not in (torch.float32, torch.float64) or x.dim() < 2 or x.shape[0] < 2:
         return False

@@ -53,6 +53,7 @@ class BMCConfig:
     full_head: bool = False           # class-IL argmax over the whole head (as the authors' code)
     keep_expert_states: bool = False
     dropout: float = 0.3              # of the default ResMLP backbone
+    backbone_inner: int | None = None  # the default ResMLP's width inside its residual blocks (None: 256, as outside)
     losses: str = "fused"             # "fused" | "reference"
     fused_backbone: bool = True       # the default ResMLP trains through the fused CPU kernels
     fused_optimizer: bool = True      # bmc_fast.optim.AdamW (CPU) / torch's fused (CUDA); False: default loop
@@ -100,6 +101,9 @@ class BMCConfig:
         if self.mixup == "uniform" and self.mixup_alpha > 1:
             raise ValueError(f"BMCConfig.mixup_alpha must be <= 1 with mixup='uniform' (weight ~ U(1 - alpha, 1)), "
                              f"got {self.mixup_alpha!r}")
+        b = self.backbone_inner
+        if not (b is None or (isinstance(b, int) and not isinstance(b, bool) and b >= 1)):
+            raise ValueError(f"BMCConfig.backbone_inner must be None or an int >= 1, got {b!r}")
         t = self.threads
         if not (t is None or t == "auto" or (isinstance(t, int) and not isinstance(t, bool) and t >= 1)):
             raise ValueError(f"BMCConfig.threads must be 'auto', an int >= 1 or None, got {t!r}")
@@ -134,6 +138,8 @@ class BMCConfig:
         * ``val_fraction=0.2``, ``val_split="pooled"``: 20% of all consolidation samples held out.
         * ``lr_patience=10``: ReduceLROnPlateau on the validation loss (no early stopping in either).
         * ``full_head=True``: class-IL argmax over the whole head, unseen tasks' classes included.
+        * ``backbone_inner=128``: the ResMLP's residual blocks are 128 wide inside (fc1 to 128,
+          fc2 back to 256), as the public code's; they train through the plain modules.
 
         It also pins ``memory_policy="keep"`` (new buffers in full + kept memory, then
         ceil(memory_size / J) + 1 each), the public code's policy and the ``paper`` default.
@@ -144,7 +150,7 @@ class BMCConfig:
             base = dict(n_experts=1, schedule="public", memory_policy="keep", public_buffer_count=True,
                         stability_coef=0.0, distill_coef=0.0, kd_coef=0.0, mixup="uniform", mixup_alpha=0.4,
                         consolidation_sampler="weighted", consolidation_ce="span", val_fraction=0.2,
-                        val_split="pooled", lr_patience=10, full_head=True)
+                        val_split="pooled", lr_patience=10, full_head=True, backbone_inner=128)
         else:
             raise ValueError(f"preset must be 'paper' or 'parity', got {name!r}")
         return cls(**{**base, **overrides, "preset_name": name})

@@ -103,7 +103,8 @@ class BMC:
             raise TypeError(f"config must be a BMCConfig, got {type(self.config).__name__}")
         self.config.validate()
         self.model_fn = model_fn or (lambda d, c: ResMLP(d, c, dropout=self.config.dropout,
-                                                          fused=self.config.fused_backbone))
+                                                          fused=self.config.fused_backbone,
+                                                          inner=self.config.backbone_inner))
         self.model: nn.Module | None = None
         self.memory = Memory()
 
