@@ -34,11 +34,10 @@ def inference_rows(device) -> int:
 
 class _ResBlock(nn.Module):
     """fc-BN-ReLU-fc-BN plus a Linear-BN shortcut, then ReLU and dropout; the first fc goes to
-    ``d_mid`` features (default ``d_out``), the second back to ``d_out``."""
+    ``d_mid`` features, the second back to ``d_out``."""
 
-    def __init__(self, d_in: int, d_out: int, dropout: float, d_mid: int | None = None):
+    def __init__(self, d_in: int, d_out: int, dropout: float, d_mid: int):
         super().__init__()
-        d_mid = d_mid or d_out
         self.fc1, self.bn1 = nn.Linear(d_in, d_mid), nn.BatchNorm1d(d_mid)
         self.fc2, self.bn2 = nn.Linear(d_mid, d_out), nn.BatchNorm1d(d_out)
         self.short, self.bn_s = nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out)

@@ -289,7 +289,7 @@ def _train_stacked(members: list, ph: _Phase, mode: str):
     moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     skeleton = copy.deepcopy(base).to("meta").train()  # whatever mode the base was left in
     fused = bool(ph.steps) and isinstance(base, ResMLP) and base.fused and cfg.fused_backbone and \
-        fused_path_available(base, ph.batch(0)[0][0])
+        fused_path_available(base, ph.batch(0, 0, 1)[0][0])
     losses, step = [float("nan")] * k, None
     done, active = 0, [i for i in range(k) if ph.ends[i] > 0]
     while active:
