@@ -7,9 +7,11 @@ between steps) and the same memory policy.
                                             # every term of the paper preset off in turn (the ablation)
     python benchmarks/accuracy.py compare   # test splits, 5 seeds: paper, parity, ER, DER++
     python benchmarks/accuracy.py compare --streams digits --seeds 0 1     # a part of it
+    python benchmarks/accuracy.py parity --public FILE   # parity against the authors' public code,
+                                            # paired by seed, on the seeds FILE holds (see --public)
 
 Each run merges its figures into this machine kind's results file (``benchmarks/results/``,
-sections ``accuracy_select`` and ``accuracy_compare``) and re-renders RESULTS.md. Defaults are chosen from ``select`` (validation data only), never
+sections ``accuracy_select``, ``accuracy_compare`` and ``accuracy_parity``) and re-renders RESULTS.md. Defaults are chosen from ``select`` (validation data only), never
 from ``compare``. Under pytest (``make bench-quick``) a tiny run checks that the script works.
 """
 from __future__ import annotations
@@ -100,34 +102,79 @@ def _record(what: str, table: dict, meta: dict) -> str:
     return record(section, {**keep, "bench": what, **meta, "streams": streams})
 
 
+def _load_public(p, path: str) -> dict:
+    """{stream: {"seeds": [...], "values": [...], "til_values": [...]}} of ``path`` (seeds default to
+    0, 1, ...), or a one-line argparse error."""
+    try:
+        with open(path) as f:
+            public = json.load(f)
+        out = {}
+        for s, v in public.items():
+            if s not in RECIPES:
+                continue
+            vals, til = [float(a) for a in v["values"]], [float(a) for a in v["til_values"]]
+            seeds = [int(a) for a in v.get("seeds", range(len(vals)))]
+            if not (len(vals) == len(til) == len(seeds) > 0):
+                raise ValueError(f"{s}: seeds, values and til_values must have the same length > 0")
+            out[s] = {"seeds": seeds, "values": vals, "til_values": til}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        p.error(f"--public {path}: expected {{stream: {{\"values\": [...], \"til_values\": [...], \"seeds\": [...] "
+                f"(optional)}}}} ({type(exc).__name__}: {exc})")
+    if not out:
+        p.error(f"--public {path}: no stream of the suite ({', '.join(RECIPES)})")
+    return out
+
+
+def _parity(p, args) -> int:
+    """``parity``: the parity preset on the public file's streams and seeds, paired by seed."""
+    table = {}
+    for stream, pub in _load_public(p, args.public).items():
+        if args.streams != list(RECIPES) and stream not in args.streams:
+            continue
+        ours = [run("parity", stream, s, False, args.quick)["cil"] for s in pub["seeds"]]
+        d = (np.array(ours) - np.array(pub["values"])) * 100
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        table[stream] = {"seeds": pub["seeds"], "parity": _stats(ours), "public": _stats(pub["values"]),
+                         "diff_points": float(d.mean()), "diff_se": se}
+        print(f"{stream:16s} parity {np.mean(ours):.3f}  public code {np.mean(pub['values']):.3f}  "
+              f"parity - public {d.mean():+.2f} ± {se:.2f} points (standard error, {len(d)} seeds)", flush=True)
+    if not (args.no_write or args.quick):
+        import torch
+
+        print(_record("parity", table, {"recipes": RECIPES, "split": "test", "torch": torch.__version__,
+                                        "public_code": "fostiropoulos/stream_benchmark d50b37a"}))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["select", "compare"])
+    p.add_argument("what", choices=["select", "compare", "parity"])
     p.add_argument("--streams", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--methods", nargs="+", help="variants (select) or methods (compare) to run")
     p.add_argument("--quick", action="store_true", help="3 tasks, 1 epoch: checks the script, no figures")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--public", metavar="FILE",
-                   help="compare: record the BMC authors' public code's figures, run outside this project on the "
-                        "same streams, seeds and recipes, as the row 'public code (K = 1)': a JSON "
-                        "{stream: {\"values\": [final class-IL per seed], \"til_values\": [...]}}; trains nothing")
+                   help="the BMC authors' public code's figures, run outside this project on the suite's streams "
+                        "and recipes: a JSON {stream: {\"values\": [final class-IL per seed], \"til_values\": "
+                        "[...], \"seeds\": [...] (optional: 0, 1, ...)}}. compare: records them as the row "
+                        "'public code (K = 1)' and trains nothing; parity: runs the parity preset on those seeds")
     args = p.parse_args(argv)
+    if args.what == "parity":
+        if not args.public:
+            p.error("parity needs --public FILE: the public code's figures to pair with")
+        if args.methods or args.seeds:
+            p.error("parity runs the parity preset on the seeds of --public FILE: no --methods or --seeds")
+        return _parity(p, args)
     known = list(VARIANTS) if args.what == "select" else list(COMPARED)
     for name in args.methods or []:
         if name not in known:
             p.error(f"--methods: {args.what} has no {name!r}; choose from {', '.join(known)}")
     if args.public:
         if args.what != "compare":
-            p.error("--public records test-split figures: use it with compare")
-        try:
-            with open(args.public) as f:
-                public = json.load(f)
-            table = {s: {PUBLIC: {"cil": _stats(v["values"]), "til": _stats(v["til_values"])}}
-                     for s, v in public.items() if s in RECIPES}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            p.error(f"--public {args.public}: expected {{stream: {{\"values\": [...], \"til_values\": [...]}}}} "
-                    f"({type(exc).__name__}: {exc})")
+            p.error("--public records test-split figures: use it with compare or parity")
+        table = {s: {PUBLIC: {"cil": _stats(v["values"]), "til": _stats(v["til_values"]), "seeds": v["seeds"]}}
+                 for s, v in _load_public(p, args.public).items()}
         print(_record("compare", table, {"public_code": "fostiropoulos/stream_benchmark d50b37a"}))
         return 0
     validation = args.what == "select"

@@ -4,8 +4,9 @@ benchmarks/RESULTS.md rendered from them.
 A results file holds the current figures of one kind of machine (``zen4-avx512.json``,
 ``nvidia-h200.json``, ...): ``machine`` (what it is), ``kernels`` (one row per op, mode, dtype,
 shape and thread count, as ``_harness.time_and_record`` makes them) and sections of whole runs
-(``e2e``, ``contention``, ``stream_scale``, ``accuracy_select``, ``accuracy_compare``, ``distributed``, ``autods``). A new benchmark run replaces the rows and
-runs with the same key and keeps the others, so each file always holds the latest figure of
+(``e2e``, ``contention``, ``stream_scale``, ``accuracy_select``, ``accuracy_compare``,
+``accuracy_parity``, ``distributed``, ``autods``). A new benchmark run replaces the rows and runs
+with the same key and keeps the others, so each file always holds the latest figure of
 every case; git keeps the older ones. Every row and run carries the commit and torch it was
 measured with.
 
@@ -235,6 +236,16 @@ def _accuracy(doc: dict) -> list:
                     "| | " + " | ".join(streams) + " |", "|---" * (len(streams) + 1) + "|"]
             out += [f"| {m} | " + " | ".join(ms(run["streams"][s].get(m, {}), run["seeds"]) for s in streams) + " |"
                     for m in rows]
+    for run in doc.get("accuracy_parity", []):
+        out += ["", "### Parity with the authors' public code (`benchmarks/accuracy.py parity`)", "",
+                f"Final class-IL accuracy on the test splits, the `parity` preset and {run['public_code']} run on the "
+                f"same streams, seeds and recipes; the difference paired by seed, ± its standard error; "
+                f"commit {run['commit']}.", "",
+                "| stream | seeds | public code | parity | parity - public (points) |", "|---|---|---|---|---|"]
+        for name, r in run["streams"].items():
+            out.append(f"| {name} | {len(r['seeds'])} | {r['public']['mean']:.3f} ± {r['public']['std']:.3f} | "
+                       f"{r['parity']['mean']:.3f} ± {r['parity']['std']:.3f} | "
+                       f"{r['diff_points']:+.2f} ± {r['diff_se']:.2f} |")
     return out
 
 

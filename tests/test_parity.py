@@ -192,24 +192,54 @@ def test_weighted_sampler_draws_with_replacement_an_equal_share_per_buffer():
     assert Memory(buffers([10])).weighted_indices(64, g).shape == (0, 64)
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_validation_split(pooled):
-    mem = Memory(buffers([7, 50, 120]))
-    train, val = mem.split(0.2, torch.Generator().manual_seed(1), pooled=pooled)
+@pytest.mark.parametrize("how", ["buffers", "pooled", "public"])
+def test_validation_split(how):
+    mem = Memory(buffers([7, 50, 120]), new=1)
+    train, val, order = mem.split(0.2, torch.Generator().manual_seed(1), how=how)
     rows = lambda m: sorted(map(tuple, m.x.tolist()))  # noqa: E731
     assert sorted(rows(train) + rows(val)) == rows(mem) and not set(rows(train)) & set(rows(val))
-    if pooled:
-        assert len(val) == math.ceil(0.2 * len(mem))
-    else:
+    if how == "buffers":
         assert [len(b) for b in val.buffers] == [round(0.2 * n) for n in (7, 50, 120)]
+    else:
+        assert len(val) == math.ceil(0.2 * len(mem))
+    assert sorted(order.tolist()) == list(range(len(val)))  # every validation row once
     for b in train.buffers + val.buffers:  # labels and ranges travel with their rows
         assert (b.y == b.offset).all()
 
 
 def test_pooled_split_drops_a_buffer_left_empty():
     mem = Memory(buffers([1, 1, 1, 1, 1]))
-    train, val = mem.split(0.5, torch.Generator().manual_seed(0), pooled=True)
+    train, val, _ = mem.split(0.5, torch.Generator().manual_seed(0), how="pooled")
     assert len(val) == 3 and len(train) == 2 and train.num_buffers == 2 and val.num_buffers == 3
+
+
+@pytest.mark.parametrize("sizes,new", [([51, 51, 51, 51, 576], 1), ([64, 64, 384], 1), ([30, 40, 50, 60], 2),
+                                       ([64], 1), ([20, 33], 0)])
+def test_public_split_is_the_public_random_split(sizes, new):
+    """The public code holds out ``random_split(ConcatDataset(new buffers + memory), [n - k, k],
+    generator=torch.Generator().manual_seed(42))``'s second part and validates on it in order."""
+    bufs, first = buffers(sizes), 0
+    for b in bufs:  # x[:, 0] is the row's index in our layout (old buffers first, then the new)
+        b.x[:, 0] = torch.arange(first, first + len(b))
+        first += len(b)
+    mem = Memory(bufs, new=new)
+    ids = torch.arange(len(mem))
+    start = mem.starts[len(sizes) - new]
+    listed = torch.utils.data.ConcatDataset([ids[start:], ids[:start]])  # the public code's row order
+    k = math.ceil(0.2 * len(mem))
+    _, public_val = torch.utils.data.random_split(listed, [len(mem) - k, k],
+                                                  generator=torch.Generator().manual_seed(42))
+    expected = torch.stack([public_val[i] for i in range(k)])
+    for seed in (0, 1):  # the same rows for every seed
+        _, val, order = mem.split(0.2, torch.Generator().manual_seed(seed), how="public")
+        got = val.x[order, 0].long()
+        assert got.tolist() == expected.tolist()
+
+
+def test_with_buffers_marks_the_new_ones():
+    mem = Memory(buffers([5, 6]))
+    both = mem.with_buffers(buffers([7])[:1])
+    assert both.new == 1 and both.num_buffers == 3 and Memory(buffers([3])).new == 0
 
 
 def _batch(rows):
@@ -311,7 +341,7 @@ def test_mixup_options_are_checked():
 
 PARITY = dict(n_experts=1, schedule="public", memory_policy="keep", public_buffer_count=True, stability_coef=0.0,
               distill_coef=0.0, kd_coef=0.0, mixup="uniform", mixup_alpha=0.4, consolidation_sampler="weighted",
-              consolidation_ce="span", val_fraction=0.2, val_split="pooled", lr_patience=10, full_head=True)
+              consolidation_ce="span", val_fraction=0.2, val_split="public", lr_patience=10, full_head=True)
 
 
 def test_parity_preset_fields_and_docstring():

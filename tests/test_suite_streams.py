@@ -106,6 +106,49 @@ def test_accuracy_script_quick(tmp_path, capsys):
         assert 0.0 <= cil <= 1.0
 
 
+def _accuracy_module():
+    sys.path.insert(0, BENCH)
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(BENCH)
+    return accuracy
+
+
+def test_accuracy_parity_pairs_with_the_public_figures(tmp_path, capsys):
+    accuracy = _accuracy_module()
+    public = tmp_path / "public.json"
+    public.write_text('{"tabular-mix": {"seeds": [3], "values": [0.25], "til_values": [0.5]}, "mnist": {}}')
+    assert accuracy.main(["parity", "--quick", "--public", str(public)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tabular-mix"))
+    ours = float(line.split("parity ")[1].split()[0])
+    diff = float(line.split("parity - public ")[1].split()[0])
+    assert 0.0 <= ours <= 1.0 and diff == pytest.approx((ours - 0.25) * 100, abs=0.11)
+    assert "1 seeds" in line
+
+
+@pytest.mark.parametrize("args,text", [
+    (["parity"], "parity needs --public FILE"),
+    (["parity", "--public", "{bad}"], "--public {bad}: expected"),
+    (["parity", "--public", "{short}"], "the same length"),
+    (["parity", "--public", "{none}"], "no stream of the suite"),
+    (["parity", "--public", "{short}", "--seeds", "1"], "no --methods or --seeds"),
+    (["select", "--public", "{short}"], "use it with compare or parity"),
+])
+def test_accuracy_parity_errors_are_one_line(tmp_path, capsys, args, text):
+    accuracy = _accuracy_module()
+    files = {"bad": "[1, 2", "short": '{"digits": {"values": [0.5, 0.6], "til_values": [0.7]}}',
+             "none": '{"mnist": {"values": [0.5], "til_values": [0.5]}}'}
+    for k, v in files.items():
+        (tmp_path / k).write_text(v)
+    paths = {k: str(tmp_path / k) for k in files}
+    args, text = [a.format(**paths) for a in args], text.format(**paths)
+    with pytest.raises(SystemExit) as exc:
+        accuracy.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and text in err[-1] and "Traceback" not in "".join(err)
+
+
 def test_cli_runs_a_suite_stream(tmp_path):
     import json
     import subprocess

@@ -45,7 +45,8 @@ class BMCConfig:
     consolidation_sampler: str = "balanced"  # "balanced": equal share per buffer in every minibatch;
                                              # "weighted": draws with replacement, 1/J per buffer, drop_last
     val_fraction: float = 0.0         # validation split carved from the memory (never test data)
-    val_split: str = "buffers"        # "buffers": val_fraction of every buffer; "pooled": of all samples at once
+    val_split: str = "buffers"        # "buffers": val_fraction of every buffer; "pooled": of all samples at once;
+                                      # "public": the public code's split, the same for every seed (Memory.split)
     lr_patience: int = 5              # ReduceLROnPlateau patience (epochs) when val_fraction > 0
     early_stopping: int = 0           # stop after this many epochs without improvement (0: never)
     consolidation_ce: str = "seen"    # CE over "seen": all classes seen so far; "task": each sample's task range;
@@ -94,7 +95,7 @@ class BMCConfig:
             raise ValueError(f"BMCConfig.buffer_dtype must be 'float32' or 'float16', got {self.buffer_dtype!r}")
         choices_of = {"consolidation_ce": ("seen", "task", "span"), "memory_policy": ("cap", "keep"),
                       "schedule": ("groups", "public"), "mixup": ("beta", "uniform"),
-                      "consolidation_sampler": ("balanced", "weighted"), "val_split": ("buffers", "pooled")}
+                      "consolidation_sampler": ("balanced", "weighted"), "val_split": ("buffers", "pooled", "public")}
         for name, choices in choices_of.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"BMCConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -135,7 +136,9 @@ class BMCConfig:
         * ``mixup="uniform"``, ``mixup_alpha=0.4``: consolidation mixup, one weight per batch ~ U(0.6, 1).
         * ``consolidation_sampler="weighted"``: with replacement, each buffer 1/J, last batch dropped.
         * ``consolidation_ce="span"``: CE from the batch's lowest task offset to its highest task end.
-        * ``val_fraction=0.2``, ``val_split="pooled"``: 20% of all consolidation samples held out.
+        * ``val_fraction=0.2``, ``val_split="public"``: 20% of all consolidation samples held out, by
+          one fixed permutation (seed 42) of the rows listed new buffers first: the same rows at
+          every consolidation of the same sizes, for every seed.
         * ``lr_patience=10``: ReduceLROnPlateau on the validation loss (no early stopping in either).
         * ``full_head=True``: class-IL argmax over the whole head, unseen tasks' classes included.
         * ``backbone_inner=128``: the ResMLP's residual blocks are 128 wide inside (fc1 to 128,
@@ -150,7 +153,7 @@ class BMCConfig:
             base = dict(n_experts=1, schedule="public", memory_policy="keep", public_buffer_count=True,
                         stability_coef=0.0, distill_coef=0.0, kd_coef=0.0, mixup="uniform", mixup_alpha=0.4,
                         consolidation_sampler="weighted", consolidation_ce="span", val_fraction=0.2,
-                        val_split="pooled", lr_patience=10, full_head=True, backbone_inner=128)
+                        val_split="public", lr_patience=10, full_head=True, backbone_inner=128)
         else:
             raise ValueError(f"preset must be 'paper' or 'parity', got {name!r}")
         return cls(**{**base, **overrides, "preset_name": name})

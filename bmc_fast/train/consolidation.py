@@ -1,7 +1,7 @@
 """The consolidation phase (BMC-SPEC §2.3): the base model trained on the memory of all buffers
 with the task-masked CE and the batched distillation loss (optionally KD from stored logits).
-The options of the public BMC code (``BMCConfig.preset("parity")``) are choices here: the
-pooled validation split, the weighted sampler, the "span" CE and the uniform mixup weight."""
+The options of the public BMC code (``BMCConfig.preset("parity")``) are choices here: its
+fixed validation split, the weighted sampler, the "span" CE and the uniform mixup weight."""
 from __future__ import annotations
 
 import os
@@ -82,12 +82,10 @@ def _consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, seen: 
     span the classes ``[0, seen)``."""
     device = torch.device(cfg.device)
     gen = seeding.generator(cfg.seed, "consolidation", step_index)
-    train_mem, val_mem = (memory.split(cfg.val_fraction, gen, pooled=cfg.val_split == "pooled")
-                          if cfg.val_fraction > 0 else (memory, None))
-    # "span" validates batch by batch, in one random order of the validation rows drawn once (as
-    # the public code's unshuffled loader over a random split): batches mix the buffers
-    val_order = torch.randperm(len(val_mem), generator=gen) if val_mem is not None and cfg.consolidation_ce == "span" \
-        else None
+    train_mem, val_mem, val_order = (memory.split(cfg.val_fraction, gen, how=cfg.val_split)
+                                     if cfg.val_fraction > 0 else (memory, None, None))
+    if cfg.consolidation_ce != "span":
+        val_order = None  # one pass over the whole validation memory: the order does not matter
     weighted = cfg.consolidation_sampler == "weighted"
     batches = train_mem.weighted_indices if weighted else train_mem.balanced_indices
     opt = adamw(model.parameters(), cfg.consolidation_lr, cfg.weight_decay, fused=cfg.fused_optimizer)
@@ -137,7 +135,8 @@ def _validation_loss(model, val_mem: Memory, spec: LossSpec, cfg, num_classes: i
                      order: torch.Tensor | None = None) -> float:
     """The consolidation loss (no mixup) of the eval-mode model on the whole validation memory;
     with the "span" CE, whose classes depend on the batch, the unweighted mean of its losses on
-    the batches of ``consolidation_batch_size`` rows taken in ``order`` (as the public code)."""
+    the batches of ``consolidation_batch_size`` rows taken in ``order``, the order the split drew
+    them (as the public code's unshuffled loader over its random split: batches mix the buffers)."""
     model.eval()
     device = torch.device(cfg.device)
     evaluator = AutogradStep(lambda x, seeds=None, first_model=0: model(x), None, spec.replace(mixup_alpha=0.0),

@@ -107,13 +107,14 @@ class Memory:
     the batched distillation loss.
     """
 
-    def __init__(self, buffers: list[Buffer] | None = None):
+    def __init__(self, buffers: list[Buffer] | None = None, new: int = 0):
         self.buffers: list[Buffer] = []
         self._pack()
         for b in buffers or []:
             self.buffers.append(b)
         if buffers:
             self._pack()
+        self.new = new  # the last ``new`` buffers are the step's new ones (the public code lists them first)
 
     # -- building -------------------------------------------------------------------------------
     def add(self, new: list[Buffer], cap: int, generator: torch.Generator) -> None:
@@ -122,11 +123,12 @@ class Memory:
         quotas = even_quotas([len(b) for b in buffers], cap)
         self.buffers = [b if q == len(b) else b.subset(torch.randperm(len(b), generator=generator)[:q].sort().values)
                         for b, q in zip(buffers, quotas)]
+        self.new = len(new)
         self._pack()
 
     def with_buffers(self, new: list[Buffer]) -> "Memory":
         """A memory of this memory's buffers and ``new`` ones, nothing resampled (``"keep"``)."""
-        return Memory(self.buffers + list(new))
+        return Memory(self.buffers + list(new), new=len(new))
 
     def cut(self, quota: int, generator: torch.Generator) -> None:
         """Every buffer larger than ``quota`` becomes a random subset of ``quota`` of its samples
@@ -171,27 +173,54 @@ class Memory:
         return sum(b.nbytes() for b in self.buffers)
 
     # -- splitting and sampling -----------------------------------------------------------------
-    def split(self, fraction: float, generator: torch.Generator, pooled: bool = False) -> tuple["Memory", "Memory"]:
-        """(train, validation) memories: ``fraction`` of every buffer goes to validation, or with
-        ``pooled`` ceil(``fraction`` x all samples) drawn from all buffers at once (as the public
-        code: a buffer's share of the validation set varies; a buffer left with no sample on one
-        side is not on that side)."""
-        train, val = [], []
-        if pooled:
-            n = len(self)
-            held = torch.zeros(n, dtype=torch.bool)
-            held[torch.randperm(n, generator=generator)[:math.ceil(fraction * n)]] = True
+    def split(self, fraction: float, generator: torch.Generator,
+              how: str = "buffers") -> tuple["Memory", "Memory", torch.Tensor]:
+        """(train, validation, order). ``how``:
+
+        * ``"buffers"``: round(``fraction`` x its size) of every buffer, drawn with ``generator``.
+        * ``"pooled"``: ceil(``fraction`` x all samples) drawn from all buffers at once with
+          ``generator`` (a buffer's share of the validation set varies).
+        * ``"public"``: as the public code's ``random_split``: the rows listed as it lists them
+          (the step's new buffers first, then the rest), one permutation from a generator
+          seeded 42 (the same at every consolidation and for every seed), its last
+          ceil(``fraction`` x all samples) positions held out; ``generator`` is not used.
+
+        ``order`` is the validation memory's row indices in the order they were drawn (the
+        public code's validation loader reads them in that order). A buffer left with no sample
+        on one side of a pooled or public split is not on that side.
+        """
+        n = len(self)
+        if how == "buffers":
+            train, val, drawn = [], [], []
             for b, s in zip(self.buffers, self.starts):
-                m = held[s:s + len(b)]
-                val.append(b.subset(m.nonzero().squeeze(1)))
-                train.append(b.subset((~m).nonzero().squeeze(1)))
-        else:
-            for b in self.buffers:
                 perm = torch.randperm(len(b), generator=generator)
                 k = int(round(len(b) * fraction))
                 val.append(b.subset(perm[:k].sort().values))
                 train.append(b.subset(perm[k:].sort().values))
-        return Memory([b for b in train if len(b)] if pooled else train), Memory([b for b in val if len(b)])
+                drawn.append(perm[:k] + s)
+            drawn = torch.cat(drawn) if drawn else torch.empty(0, dtype=torch.long)
+        elif how in ("pooled", "public"):
+            k = math.ceil(fraction * n)
+            if how == "pooled":
+                drawn = torch.randperm(n, generator=generator)[:k]
+            else:
+                first_new = self.starts[len(self.buffers) - self.new]
+                listed = torch.cat([torch.arange(first_new, n), torch.arange(0, first_new)])
+                drawn = listed[torch.randperm(n, generator=torch.Generator().manual_seed(42))[n - k:]]
+            held = torch.zeros(n, dtype=torch.bool)
+            held[drawn] = True
+            train, val = [], []
+            for b, s in zip(self.buffers, self.starts):
+                m = held[s:s + len(b)]
+                val.append(b.subset(m.nonzero().squeeze(1)))
+                train.append(b.subset((~m).nonzero().squeeze(1)))
+            train = [b for b in train if len(b)]
+        else:
+            raise ValueError(f"Memory.split: how must be 'buffers', 'pooled' or 'public', got {how!r}")
+        # the validation memory holds the drawn rows in ascending order: a drawn row's index there
+        # is its rank among them
+        order = torch.searchsorted(drawn.sort().values, drawn)
+        return Memory(train), Memory([b for b in val if len(b)]), order
 
     def weighted_indices(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """One epoch of minibatch indices [S, B], S = floor(len / B), as the public code's sampler:
