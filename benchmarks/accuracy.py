@@ -116,6 +116,8 @@ def _load_public(p, path: str) -> dict:
             seeds = [int(a) for a in v.get("seeds", range(len(vals)))]
             if not (len(vals) == len(til) == len(seeds) > 0):
                 raise ValueError(f"{s}: seeds, values and til_values must have the same length > 0")
+            if not all(0.0 <= a <= 1.0 for a in vals + til):
+                raise ValueError(f"{s}: accuracies must be fractions in [0, 1] (not percentages)")
             out[s] = {"seeds": seeds, "values": vals, "til_values": til}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         p.error(f"--public {path}: expected {{stream: {{\"values\": [...], \"til_values\": [...], \"seeds\": [...] "
