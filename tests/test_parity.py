@@ -3,6 +3,7 @@ its own: memory policy, schedule, buffer count, weighted sampler, pooled split, 
 mixup, and the preset's fields."""
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
@@ -355,9 +356,12 @@ def test_parity_preset_fields_and_docstring():
     assert (paper.memory_policy, paper.schedule, paper.consolidation_sampler, paper.consolidation_ce, paper.mixup,
             paper.val_split, paper.public_buffer_count) == ("keep", "groups", "balanced", "seen", "beta", "buffers",
                                                             False)
-    differ = [k for k in PARITY if getattr(paper, k) != getattr(parity, k)]
+    differ = [k for k in PARITY if getattr(paper, k) != getattr(parity, k)] + ["backbone_inner"]
     doc = BMCConfig.preset.__doc__
     assert all(f"{k}=" in doc for k in differ), [k for k in differ if f"{k}=" not in doc]
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:  # named in the README too
+        readme = f.read()
+    assert all(f"{k}=" in readme for k in differ), [k for k in differ if f"{k}=" not in readme]
     # the memory policy is a choice in every preset
     assert BMCConfig.preset("paper", memory_policy="cap").memory_policy == "cap"
     assert BMCConfig.preset("parity", memory_policy="cap").memory_policy == "cap"
