@@ -218,23 +218,25 @@ def test_pooled_split_drops_a_buffer_left_empty():
                                        ([64], 1), ([20, 33], 0)])
 def test_public_split_is_the_public_random_split(sizes, new):
     """The public code holds out ``random_split(ConcatDataset(new buffers + memory), [n - k, k],
-    generator=torch.Generator().manual_seed(42))``'s second part and validates on it in order."""
-    bufs, first = buffers(sizes), 0
-    for b in bufs:  # x[:, 0] is the row's index in our layout (old buffers first, then the new)
-        b.x[:, 0] = torch.arange(first, first + len(b))
-        first += len(b)
-    mem = Memory(bufs, new=new)
-    ids = torch.arange(len(mem))
-    start = mem.starts[len(sizes) - new]
-    listed = torch.utils.data.ConcatDataset([ids[start:], ids[:start]])  # the public code's row order
+    generator=torch.Generator().manual_seed(42))``'s second part and validates on it in order;
+    its buffers hold their rows in a random order. So the buffer of every validation row, in
+    order, is fixed by the sizes; the rows themselves vary with the seed."""
+    mem = Memory(buffers(sizes), new=new)
+    first = len(sizes) - new
+    owner = torch.cat([torch.full((n,), j) for j, n in enumerate(sizes)])  # each row's buffer, our layout
+    listed = torch.utils.data.ConcatDataset([owner[mem.starts[first]:], owner[:mem.starts[first]]])  # public order
     k = math.ceil(0.2 * len(mem))
     _, public_val = torch.utils.data.random_split(listed, [len(mem) - k, k],
                                                   generator=torch.Generator().manual_seed(42))
-    expected = torch.stack([public_val[i] for i in range(k)])
-    for seed in (0, 1):  # the same rows for every seed
+    expected = [int(public_val[i]) for i in range(k)]
+    held = []
+    for seed in range(3):
         _, val, order = mem.split(0.2, torch.Generator().manual_seed(seed), how="public")
-        got = val.x[order, 0].long()
-        assert got.tolist() == expected.tolist()
+        assert val.buffer_id[order].tolist() == [sorted(set(expected)).index(j) for j in expected]
+        assert [b.task for b in val.buffers] == sorted(set(expected))
+        held.append(sorted(map(tuple, val.x.tolist())))
+    if min(sizes) > 1:
+        assert held[0] != held[1] or held[0] != held[2]  # which rows: drawn per seed
 
 
 def test_with_buffers_marks_the_new_ones():

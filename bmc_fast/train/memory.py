@@ -181,9 +181,11 @@ class Memory:
         * ``"pooled"``: ceil(``fraction`` x all samples) drawn from all buffers at once with
           ``generator`` (a buffer's share of the validation set varies).
         * ``"public"``: as the public code's ``random_split``: the rows listed as it lists them
-          (the step's new buffers first, then the rest), one permutation from a generator
+          (the step's new buffers first, then the rest; each buffer's rows in a random order
+          drawn with ``generator``, as its buffers hold them), one permutation from a generator
           seeded 42 (the same at every consolidation and for every seed), its last
-          ceil(``fraction`` x all samples) positions held out; ``generator`` is not used.
+          ceil(``fraction`` x all samples) positions held out. How many rows of each buffer are
+          held out is therefore fixed for a given list of buffer sizes; which rows, random.
 
         ``order`` is the validation memory's row indices in the order they were drawn (the
         public code's validation loader reads them in that order). A buffer left with no sample
@@ -204,8 +206,9 @@ class Memory:
             if how == "pooled":
                 drawn = torch.randperm(n, generator=generator)[:k]
             else:
-                first_new = self.starts[len(self.buffers) - self.new]
-                listed = torch.cat([torch.arange(first_new, n), torch.arange(0, first_new)])
+                rows = [s + torch.randperm(len(b), generator=generator) for b, s in zip(self.buffers, self.starts)]
+                first_new = len(self.buffers) - self.new
+                listed = torch.cat(rows[first_new:] + rows[:first_new])
                 drawn = listed[torch.randperm(n, generator=torch.Generator().manual_seed(42))[n - k:]]
             held = torch.zeros(n, dtype=torch.bool)
             held[drawn] = True
