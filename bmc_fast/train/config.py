@@ -46,7 +46,7 @@ class BMCConfig:
                                              # "weighted": draws with replacement, 1/J per buffer, drop_last
     val_fraction: float = 0.0         # validation split carved from the memory (never test data)
     val_split: str = "buffers"        # "buffers": val_fraction of every buffer; "pooled": of all samples at once;
-                                      # "public": the public code's split, the same for every seed (Memory.split)
+                                      # "public": the public code's fixed-seed split (Memory.split)
     lr_patience: int = 5              # ReduceLROnPlateau patience (epochs) when val_fraction > 0
     early_stopping: int = 0           # stop after this many epochs without improvement (0: never)
     consolidation_ce: str = "seen"    # CE over "seen": all classes seen so far; "task": each sample's task range;
@@ -137,8 +137,8 @@ class BMCConfig:
         * ``consolidation_sampler="weighted"``: with replacement, each buffer 1/J, last batch dropped.
         * ``consolidation_ce="span"``: CE from the batch's lowest task offset to its highest task end.
         * ``val_fraction=0.2``, ``val_split="public"``: 20% of all consolidation samples held out, by
-          one fixed permutation (seed 42) of the rows listed new buffers first: the same rows at
-          every consolidation of the same sizes, for every seed.
+          one fixed permutation (seed 42) of the rows listed new buffers first: as many rows of
+          each buffer at every consolidation of the same buffer sizes, for every seed.
         * ``lr_patience=10``: ReduceLROnPlateau on the validation loss (no early stopping in either).
         * ``full_head=True``: class-IL argmax over the whole head, unseen tasks' classes included.
         * ``backbone_inner=128``: the ResMLP's residual blocks are 128 wide inside (fc1 to 128,
