@@ -113,7 +113,9 @@ def _load_public(p, path: str) -> dict:
             if s not in RECIPES:
                 continue
             vals, til = [float(a) for a in v["values"]], [float(a) for a in v["til_values"]]
-            seeds = [int(a) for a in v.get("seeds", range(len(vals)))]
+            seeds = list(v.get("seeds", range(len(vals))))
+            if not all(isinstance(a, int) and not isinstance(a, bool) for a in seeds) or len(set(seeds)) < len(seeds):
+                raise ValueError(f"{s}: seeds must be distinct integers")
             if not (len(vals) == len(til) == len(seeds) > 0):
                 raise ValueError(f"{s}: seeds, values and til_values must have the same length > 0")
             if not all(0.0 <= a <= 1.0 for a in vals + til):
@@ -129,17 +131,22 @@ def _load_public(p, path: str) -> dict:
 
 def _parity(p, args) -> int:
     """``parity``: the parity preset on the public file's streams and seeds, paired by seed."""
+    sys.path.insert(0, HERE)
+    import _harness
+
+    public = {s: v for s, v in _load_public(p, args.public).items() if s in args.streams}
+    if not public:
+        p.error(f"--public {args.public} has none of the streams asked for ({', '.join(args.streams)})")
     table = {}
-    for stream, pub in _load_public(p, args.public).items():
-        if args.streams != list(RECIPES) and stream not in args.streams:
-            continue
+    for stream, pub in public.items():
         ours = [run("parity", stream, s, False, args.quick)["cil"] for s in pub["seeds"]]
         d = (np.array(ours) - np.array(pub["values"])) * 100
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
         table[stream] = {"seeds": pub["seeds"], "parity": _stats(ours), "public": _stats(pub["values"]),
-                         "diff_points": float(d.mean()), "diff_se": se}
+                         "diff_points": float(d.mean()), "diff_se": se, "commit": _harness.git_commit()}
         print(f"{stream:16s} parity {np.mean(ours):.3f}  public code {np.mean(pub['values']):.3f}  "
-              f"parity - public {d.mean():+.2f} ± {se:.2f} points (standard error, {len(d)} seeds)", flush=True)
+              f"parity - public {d.mean():+.2f} ± {'-' if se is None else f'{se:.2f}'} points "
+              f"(standard error, {len(d)} seeds)", flush=True)
     if not (args.no_write or args.quick):
         import torch
 

@@ -221,8 +221,9 @@ def _accuracy(doc: dict) -> list:
         v = row.get("cil")
         if v is None:
             return "-"
-        n = len(row.get("seeds", seeds))
-        return f"{v['mean']:.3f} ± {v['std']:.3f}" + ("" if n == len(seeds) else f" ({n} seeds)")
+        own = list(row.get("seeds", seeds))
+        return f"{v['mean']:.3f} ± {v['std']:.3f}" + ("" if own == list(seeds) else
+                                                       f" (seeds {', '.join(map(str, own))})")
     for section, title in (("accuracy_compare", "Accuracy: paper against parity and the baselines"),
                            ("accuracy_select", "Accuracy on validation data: the ablation that chose the defaults")):
         for run in doc.get(section, []):
@@ -239,13 +240,14 @@ def _accuracy(doc: dict) -> list:
     for run in doc.get("accuracy_parity", []):
         out += ["", "### Parity with the authors' public code (`benchmarks/accuracy.py parity`)", "",
                 f"Final class-IL accuracy on the test splits, the `parity` preset and {run['public_code']} run on the "
-                f"same streams, seeds and recipes; the difference paired by seed, ± its standard error; "
-                f"commit {run['commit']}.", "",
-                "| stream | seeds | public code | parity | parity - public (points) |", "|---|---|---|---|---|"]
+                f"same streams, seeds and recipes; the difference paired by seed, ± its standard error.", "",
+                "| stream | seeds | public code | parity | parity - public (points) | commit |",
+                "|---|---|---|---|---|---|"]
         for name, r in run["streams"].items():
+            se = "-" if r.get("diff_se") is None else f"{r['diff_se']:.2f}"
             out.append(f"| {name} | {len(r['seeds'])} | {r['public']['mean']:.3f} ± {r['public']['std']:.3f} | "
-                       f"{r['parity']['mean']:.3f} ± {r['parity']['std']:.3f} | "
-                       f"{r['diff_points']:+.2f} ± {r['diff_se']:.2f} |")
+                       f"{r['parity']['mean']:.3f} ± {r['parity']['std']:.3f} | {r['diff_points']:+.2f} ± {se} | "
+                       f"{r.get('commit', run['commit'])} |")
     return out
 
 

@@ -1,6 +1,6 @@
 """The options that reproduce the BMC authors' public code (BMCConfig.preset("parity")), each on
-its own: memory policy, schedule, buffer count, weighted sampler, pooled split, span CE, uniform
-mixup, and the preset's fields."""
+its own: memory policy, schedule, buffer count, weighted sampler, the public code's validation
+split, span CE, uniform mixup, and the preset's fields."""
 import copy
 import math
 import os
@@ -204,6 +204,8 @@ def test_validation_split(how):
     else:
         assert len(val) == math.ceil(0.2 * len(mem))
     assert sorted(order.tolist()) == list(range(len(val)))  # every validation row once
+    ids = val.buffer_id[order].tolist()
+    assert ids != sorted(ids)  # in the order drawn: validation batches mix the buffers
     for b in train.buffers + val.buffers:  # labels and ranges travel with their rows
         assert (b.y == b.offset).all()
 
@@ -239,10 +241,32 @@ def test_public_split_is_the_public_random_split(sizes, new):
         assert held[0] != held[1] or held[0] != held[2]  # which rows: drawn per seed
 
 
-def test_with_buffers_marks_the_new_ones():
+def test_memory_marks_the_new_buffers_until_it_is_cut():
     mem = Memory(buffers([5, 6]))
     both = mem.with_buffers(buffers([7])[:1])
     assert both.new == 1 and both.num_buffers == 3 and Memory(buffers([3])).new == 0
+    g = torch.Generator().manual_seed(0)
+    mem.add(buffers([4, 4]), cap=9, generator=g)
+    assert mem.new == 2 and mem.num_buffers == 4
+    both.cut(2, g)
+    assert both.new == 0  # what is kept: no buffer is new to the next consolidation
+    for bad in (3, -1, 1.0, True):
+        with pytest.raises(ValueError, match="Memory: new must be an int in"):
+            Memory(buffers([5, 6]), new=bad)
+
+
+def test_consolidation_validates_in_the_order_the_public_split_drew(monkeypatch):
+    import bmc_fast.train.consolidation as cons
+    from bmc_fast.train import seeding
+
+    mem = Memory(buffers([40, 40, 150], d=4), new=1)
+    cfg = BMCConfig.preset("parity", consolidation_epochs=1, progress=False, threads=1)
+    seen = []
+    monkeypatch.setattr(cons, "_validation_loss",
+                        lambda model, val, spec, cfg, nc, known, order=None: seen.append(order) or 1.0)
+    cons.consolidate(ResMLP(4, 6, inner=8, fused=False), mem, cfg, 6, step_index=3)
+    _, _, expected = mem.split(0.2, seeding.generator(cfg.seed, "consolidation", 3), how="public")
+    assert len(seen) == 1 and torch.equal(seen[0], expected)
 
 
 def _batch(rows):
@@ -360,10 +384,13 @@ def test_parity_preset_fields_and_docstring():
                                                             False)
     differ = [k for k in PARITY if getattr(paper, k) != getattr(parity, k)] + ["backbone_inner"]
     doc = BMCConfig.preset.__doc__
-    assert all(f"{k}=" in doc for k in differ), [k for k in differ if f"{k}=" not in doc]
     with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:  # named in the README too
         readme = f.read()
-    assert all(f"{k}=" in readme for k in differ), [k for k in differ if f"{k}=" not in readme]
+    for text in (doc, readme):
+        assert all(f"{k}=" in text for k in differ), [k for k in differ if f"{k}=" not in text]
+        # the choices by name, with their values
+        named = [f'{k}="{getattr(parity, k)}"' for k in differ if isinstance(getattr(parity, k), str)]
+        assert named and all(n in text for n in named), [n for n in named if n not in text]
     # the memory policy is a choice in every preset
     assert BMCConfig.preset("paper", memory_policy="cap").memory_policy == "cap"
     assert BMCConfig.preset("parity", memory_policy="cap").memory_policy == "cap"

@@ -133,6 +133,8 @@ def test_accuracy_parity_pairs_with_the_public_figures(tmp_path, capsys):
     (["parity", "--public", "{short}"], "the same length"),
     (["parity", "--public", "{none}"], "no stream of the suite"),
     (["compare", "--public", "{percent}"], "fractions in [0, 1]"),
+    (["compare", "--public", "{dup}"], "seeds must be distinct integers"),
+    (["parity", "--public", "{digits}", "--streams", "tabular-mix"], "none of the streams asked for"),
     (["parity", "--public", "{short}", "--seeds", "1"], "no --methods or --seeds"),
     (["select", "--public", "{short}"], "use it with compare or parity"),
 ])
@@ -140,7 +142,9 @@ def test_accuracy_parity_errors_are_one_line(tmp_path, capsys, args, text):
     accuracy = _accuracy_module()
     files = {"bad": "[1, 2", "short": '{"digits": {"values": [0.5, 0.6], "til_values": [0.7]}}',
              "none": '{"mnist": {"values": [0.5], "til_values": [0.5]}}',
-             "percent": '{"digits": {"values": [85.2], "til_values": [97.1]}}'}
+             "percent": '{"digits": {"values": [85.2], "til_values": [97.1]}}',
+             "dup": '{"digits": {"seeds": [1, 1], "values": [0.5, 0.6], "til_values": [0.7, 0.8]}}',
+             "digits": '{"digits": {"values": [0.5], "til_values": [0.5]}}'}
     for k, v in files.items():
         (tmp_path / k).write_text(v)
     paths = {k: str(tmp_path / k) for k in files}

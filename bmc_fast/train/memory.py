@@ -114,7 +114,11 @@ class Memory:
             self.buffers.append(b)
         if buffers:
             self._pack()
-        self.new = new  # the last ``new`` buffers are the step's new ones (the public code lists them first)
+        if isinstance(new, bool) or not isinstance(new, int) or not 0 <= new <= len(self.buffers):
+            raise ValueError(f"Memory: new must be an int in [0, {len(self.buffers)}] (the buffers), got {new!r}")
+        # the last ``new`` buffers are the step's new ones (the public code lists them first); set
+        # by with_buffers and add for the consolidation that follows, 0 once the memory is cut
+        self.new = new
 
     # -- building -------------------------------------------------------------------------------
     def add(self, new: list[Buffer], cap: int, generator: torch.Generator) -> None:
@@ -136,6 +140,7 @@ class Memory:
         self.buffers = [b if len(b) <= quota else
                         b.subset(torch.randperm(len(b), generator=generator)[:quota].sort().values)
                         for b in self.buffers]
+        self.new = 0
         self._pack()
 
     def _pack(self) -> None:
@@ -177,7 +182,8 @@ class Memory:
               how: str = "buffers") -> tuple["Memory", "Memory", torch.Tensor]:
         """(train, validation, order). ``how``:
 
-        * ``"buffers"``: round(``fraction`` x its size) of every buffer, drawn with ``generator``.
+        * ``"buffers"``: round(``fraction`` x its size) of every buffer, drawn with ``generator``;
+          ``order`` is shuffled, so that validation batches mix the buffers.
         * ``"pooled"``: ceil(``fraction`` x all samples) drawn from all buffers at once with
           ``generator`` (a buffer's share of the validation set varies).
         * ``"public"``: as the public code's ``random_split``: the rows listed as it lists them
@@ -201,6 +207,7 @@ class Memory:
                 train.append(b.subset(perm[k:].sort().values))
                 drawn.append(perm[:k] + s)
             drawn = torch.cat(drawn) if drawn else torch.empty(0, dtype=torch.long)
+            drawn = drawn[torch.randperm(len(drawn), generator=generator)]
         elif how in ("pooled", "public"):
             k = math.ceil(fraction * n)
             if how == "pooled":
@@ -208,7 +215,7 @@ class Memory:
             else:
                 rows = [s + torch.randperm(len(b), generator=generator) for b, s in zip(self.buffers, self.starts)]
                 first_new = len(self.buffers) - self.new
-                listed = torch.cat(rows[first_new:] + rows[:first_new])
+                listed = torch.cat(rows[first_new:] + rows[:first_new] + [torch.empty(0, dtype=torch.long)])
                 drawn = listed[torch.randperm(n, generator=torch.Generator().manual_seed(42))[n - k:]]
             held = torch.zeros(n, dtype=torch.bool)
             held[drawn] = True
