@@ -84,13 +84,19 @@ def _stats(vals):
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "values": a.tolist()}
 
 
+def _sibling(name: str):
+    """The benchmark module ``name`` beside this script (found however this script was loaded)."""
+    import importlib
+
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    return importlib.import_module(name)
+
+
 def _record(what: str, table: dict, meta: dict) -> str:
     """Merges ``table`` ({stream: {method: stats}}) into the section ``accuracy_<what>`` of this
     machine kind's results file (rows of other streams and methods stay) and re-renders RESULTS.md."""
-    sys.path.insert(0, HERE)
-    import _harness
-    import report
-    from bench_contention import _record as record
+    _harness, report, record = _sibling("_harness"), _sibling("report"), _sibling("bench_contention")._record
 
     section = f"accuracy_{what}"
     path = os.path.join(report.RESULTS_DIR, f"{_harness.machine_kind('cpu')}.json")
@@ -131,9 +137,7 @@ def _load_public(p, path: str) -> dict:
 
 def _parity(p, args) -> int:
     """``parity``: the parity preset on the public file's streams and seeds, paired by seed."""
-    sys.path.insert(0, HERE)
-    import _harness
-
+    _harness = _sibling("_harness")
     public = {s: v for s, v in _load_public(p, args.public).items() if s in args.streams}
     if not public:
         p.error(f"--public {args.public} has none of the streams asked for ({', '.join(args.streams)})")

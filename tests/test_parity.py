@@ -210,6 +210,13 @@ def test_validation_split(how):
         assert (b.y == b.offset).all()
 
 
+def test_buffers_split_drops_a_buffer_left_empty():
+    mem = Memory(buffers([1, 5]))
+    train, val, _ = mem.split(0.6, torch.Generator().manual_seed(0), how="buffers")
+    assert [len(b) for b in train.buffers] == [2] and [len(b) for b in val.buffers] == [1, 3]
+    assert train.balanced_indices(4, torch.Generator().manual_seed(0)).shape == (1, 4)  # samples only what exists
+
+
 def test_pooled_split_drops_a_buffer_left_empty():
     mem = Memory(buffers([1, 1, 1, 1, 1]))
     train, val, _ = mem.split(0.5, torch.Generator().manual_seed(0), how="pooled")

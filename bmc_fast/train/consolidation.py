@@ -84,8 +84,6 @@ def _consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, seen: 
     gen = seeding.generator(cfg.seed, "consolidation", step_index)
     train_mem, val_mem, val_order = (memory.split(cfg.val_fraction, gen, how=cfg.val_split)
                                      if cfg.val_fraction > 0 else (memory, None, None))
-    if cfg.consolidation_ce != "span":
-        val_order = None  # one pass over the whole validation memory: the order does not matter
     weighted = cfg.consolidation_sampler == "weighted"
     batches = train_mem.weighted_indices if weighted else train_mem.balanced_indices
     opt = adamw(model.parameters(), cfg.consolidation_lr, cfg.weight_decay, fused=cfg.fused_optimizer)
@@ -141,9 +139,10 @@ def _validation_loss(model, val_mem: Memory, spec: LossSpec, cfg, num_classes: i
     device = torch.device(cfg.device)
     evaluator = AutogradStep(lambda x, seeds=None, first_model=0: model(x), None, spec.replace(mixup_alpha=0.0),
                              loss_ops(cfg), "validation")
-    size = cfg.consolidation_batch_size if cfg.consolidation_ce == "span" else len(val_mem)
+    span = cfg.consolidation_ce == "span"  # otherwise one pass over it all, where order does not matter
+    size = cfg.consolidation_batch_size if span else len(val_mem)
     losses = []
-    for idx in (torch.arange(len(val_mem)) if order is None else order).split(size):
+    for idx in (order if span and order is not None else torch.arange(len(val_mem))).split(size):
         raw = val_mem.batch(idx, num_classes, device)
         losses.append(float(evaluator.loss_value(raw["x"], _step_batch(raw, cfg.consolidation_ce, seen), train=False)))
     return sum(losses) / len(losses)

@@ -195,42 +195,33 @@ class Memory:
 
         ``order`` is the validation memory's row indices in the order they were drawn (the
         public code's validation loader reads them in that order). A buffer left with no sample
-        on one side of a pooled or public split is not on that side.
+        on one side of the split is not on that side.
         """
-        n = len(self)
+        n, none = len(self), torch.empty(0, dtype=torch.long)
         if how == "buffers":
-            train, val, drawn = [], [], []
-            for b, s in zip(self.buffers, self.starts):
-                perm = torch.randperm(len(b), generator=generator)
-                k = int(round(len(b) * fraction))
-                val.append(b.subset(perm[:k].sort().values))
-                train.append(b.subset(perm[k:].sort().values))
-                drawn.append(perm[:k] + s)
-            drawn = torch.cat(drawn) if drawn else torch.empty(0, dtype=torch.long)
+            drawn = torch.cat([s + torch.randperm(len(b), generator=generator)[:int(round(len(b) * fraction))]
+                               for b, s in zip(self.buffers, self.starts)] + [none])
             drawn = drawn[torch.randperm(len(drawn), generator=generator)]
-        elif how in ("pooled", "public"):
-            k = math.ceil(fraction * n)
-            if how == "pooled":
-                drawn = torch.randperm(n, generator=generator)[:k]
-            else:
-                rows = [s + torch.randperm(len(b), generator=generator) for b, s in zip(self.buffers, self.starts)]
-                first_new = len(self.buffers) - self.new
-                listed = torch.cat(rows[first_new:] + rows[:first_new] + [torch.empty(0, dtype=torch.long)])
-                drawn = listed[torch.randperm(n, generator=torch.Generator().manual_seed(42))[n - k:]]
-            held = torch.zeros(n, dtype=torch.bool)
-            held[drawn] = True
-            train, val = [], []
-            for b, s in zip(self.buffers, self.starts):
-                m = held[s:s + len(b)]
-                val.append(b.subset(m.nonzero().squeeze(1)))
-                train.append(b.subset((~m).nonzero().squeeze(1)))
-            train = [b for b in train if len(b)]
+        elif how == "pooled":
+            drawn = torch.randperm(n, generator=generator)[:math.ceil(fraction * n)]
+        elif how == "public":
+            rows = [s + torch.randperm(len(b), generator=generator) for b, s in zip(self.buffers, self.starts)]
+            first_new = len(self.buffers) - self.new
+            listed = torch.cat(rows[first_new:] + rows[:first_new] + [none])
+            drawn = listed[torch.randperm(n, generator=torch.Generator().manual_seed(42))[n - math.ceil(fraction * n):]]
         else:
             raise ValueError(f"Memory.split: how must be 'buffers', 'pooled' or 'public', got {how!r}")
+        held = torch.zeros(n, dtype=torch.bool)
+        held[drawn] = True
+        train, val = [], []
+        for b, s in zip(self.buffers, self.starts):
+            m = held[s:s + len(b)]
+            val.append(b.subset(m.nonzero().squeeze(1)))
+            train.append(b.subset((~m).nonzero().squeeze(1)))
         # the validation memory holds the drawn rows in ascending order: a drawn row's index there
         # is its rank among them
         order = torch.searchsorted(drawn.sort().values, drawn)
-        return Memory(train), Memory([b for b in val if len(b)]), order
+        return Memory([b for b in train if len(b)]), Memory([b for b in val if len(b)]), order
 
     def weighted_indices(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """One epoch of minibatch indices [S, B], S = floor(len / B), as the public code's sampler:
