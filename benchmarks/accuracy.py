@@ -5,7 +5,11 @@ between steps) and the same memory policy.
 
     python benchmarks/accuracy.py select    # validation splits (20% of each training split), 3 seeds:
                                             # every term of the paper preset off in turn (the ablation)
-    python benchmarks/accuracy.py compare   # test splits, 5 seeds: paper, parity, ER, DER++
+    python benchmarks/accuracy.py select --methods "er (buffer=task)" ...   # the baselines' storage
+    python benchmarks/accuracy.py compare   # test splits, 5 seeds: paper, parity, our baselines and,
+                                            # where the [avalanche] extra is installed, Avalanche's
+                                            # Naive, Replay, DER, LwF and GDumb; writes a PNG of
+                                            # accuracy against time
     python benchmarks/accuracy.py compare --streams digits --seeds 0 1     # a part of it
     python benchmarks/accuracy.py parity --public FILE   # parity against the authors' public code,
                                             # paired by seed, on the seeds FILE holds (see --public)
@@ -44,8 +48,25 @@ VARIANTS = {
     "CE + mixup 0.4, no distillation": dict(distill_coef=0.0, mixup="uniform", mixup_alpha=0.4),
     "K = 1": dict(n_experts=1),
 }
-COMPARED = ("paper", "parity", "er", "derpp")
+# The baselines' storage choices, chosen on validation data like the paper preset's terms.
+BASELINE_VARIANTS = {f"{m} (buffer={b})": (m, {"buffer": b}) for m in ("er", "derpp") for b in ("task", "class", "reservoir")}
+OURS = ("paper", "parity", "er", "derpp", "lwf", "gdumb", "finetune")
+# Avalanche's own strategies (bmc_fast.integrations.avalanche, the [avalanche] extra), as the rows name them.
+AVALANCHE = {f"avalanche {n}": n for n in ("naive", "replay", "der", "lwf", "gdumb")}
+COMPARED = OURS + tuple(AVALANCHE)
 PUBLIC = "public code (K = 1)"
+# Paired by seed in the compare table: each of our baselines against its Avalanche counterpart.
+PAIRS = (("er", "avalanche replay"), ("derpp", "avalanche der"), ("lwf", "avalanche lwf"),
+         ("gdumb", "avalanche gdumb"), ("finetune", "avalanche naive"))
+
+
+def avalanche_available() -> str | None:
+    """Avalanche's version, or None where the [avalanche] extra is not installed."""
+    try:
+        from bmc_fast.integrations import avalanche
+    except ImportError:
+        return None
+    return avalanche.AVALANCHE_VERSION
 
 
 def config(method: str, stream: str, seed: int, quick: bool = False, **overrides):
@@ -60,8 +81,11 @@ def config(method: str, stream: str, seed: int, quick: bool = False, **overrides
     return BMCConfig.preset("paper", **common, **overrides)
 
 
-def run(method: str, stream_name: str, seed: int, validation: bool, quick: bool = False, **overrides) -> dict:
-    """One run: final class-IL / task-IL, forgetting, wall seconds."""
+def run(method: str, stream_name: str, seed: int, validation: bool, quick: bool = False, options: dict | None = None,
+        **overrides) -> dict:
+    """One run: final class-IL / task-IL, forgetting, wall seconds (training and evaluation).
+    ``method``: a preset, a baseline of :data:`bmc_fast.train.baselines.BASELINES` (``options``:
+    its keyword arguments) or an Avalanche row (:data:`AVALANCHE`)."""
     from bmc_fast import BMC
     from bmc_fast.data.suite import suite_stream
     from bmc_fast.train.baselines import BASELINES
@@ -73,8 +97,12 @@ def run(method: str, stream_name: str, seed: int, validation: bool, quick: bool 
     t0 = time.perf_counter()
     if method in ("paper", "parity"):
         res = BMC(cfg).fit(stream)
+    elif method in AVALANCHE:
+        from bmc_fast.integrations.avalanche import fit_strategy
+
+        res = fit_strategy(AVALANCHE[method], stream, cfg)
     else:
-        res = BASELINES[method](stream, cfg, BMC(cfg).model_fn)
+        res = BASELINES[method](stream, cfg, BMC(cfg).model_fn, **(options or {}))
     return {"cil": res.final_cil_accuracy, "til": res.final_til_accuracy, "forgetting": res.forgetting,
             "seconds": time.perf_counter() - t0}
 
@@ -179,10 +207,16 @@ def main(argv=None) -> int:
         if args.methods or args.seeds:
             p.error("parity runs the parity preset on the seeds of --public FILE: no --methods or --seeds")
         return _parity(p, args)
-    known = list(VARIANTS) if args.what == "select" else list(COMPARED)
+    known = list(VARIANTS) + list(BASELINE_VARIANTS) if args.what == "select" else list(COMPARED)
     for name in args.methods or []:
         if name not in known:
             p.error(f"--methods: {args.what} has no {name!r}; choose from {', '.join(known)}")
+    version = avalanche_available()
+    if version is None and args.what == "compare" and not args.public:
+        asked = [m for m in args.methods or [] if m in AVALANCHE]
+        if asked:
+            p.error(f"--methods {asked[0]!r} needs Avalanche: pip install \"bmc_fast[avalanche]\"")
+        print("Avalanche is not installed: its rows are skipped (pip install \"bmc_fast[avalanche]\")", flush=True)
     if args.public:
         if args.what != "compare":
             p.error("--public records test-split figures: use it with compare or parity")
@@ -192,11 +226,15 @@ def main(argv=None) -> int:
         return 0
     validation = args.what == "select"
     seeds = args.seeds or ([0, 1, 2] if validation else [0, 1, 2, 3, 4])
-    names = args.methods or (list(VARIANTS) if validation else list(COMPARED))
+    names = args.methods or (list(VARIANTS) + list(BASELINE_VARIANTS) if validation else
+                             [m for m in COMPARED if version is not None or m not in AVALANCHE])
     table = {}
     for stream in args.streams:
         for name in names:
-            if validation:
+            if name in BASELINE_VARIANTS:
+                method, options = BASELINE_VARIANTS[name]
+                rs = [run(method, stream, s, True, args.quick, options) for s in seeds]
+            elif validation:
                 from bmc_fast import BMCConfig
 
                 if all(getattr(BMCConfig, k, None) == v for k, v in VARIANTS[name].items()) and name != "paper":
@@ -213,9 +251,45 @@ def main(argv=None) -> int:
         import torch
 
         meta = {"seeds": seeds, "recipes": RECIPES, "split": "validation" if validation else "test",
-                "torch": torch.__version__}
+                "torch": torch.__version__, "avalanche": version}
         print(_record(args.what, table, meta))
+        if args.what == "compare":
+            kind, folder = _sibling("_harness").machine_kind("cpu"), _sibling("report").RESULTS_DIR
+            print(plot_compare(os.path.join(folder, f"{kind}.json"), os.path.join(folder, f"accuracy-{kind}.png")))
     return 0
+
+
+def plot_compare(results: str, path: str) -> str:
+    """Final class-IL accuracy against time (seconds a run, log scale) of every row of the
+    ``accuracy_compare`` section of the results file ``results``, one panel per stream; a PNG
+    written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_ = _sibling("report").load(results)["accuracy_compare"][0]
+    streams = list(run_["streams"])
+    fig, axes = plt.subplots(1, len(streams), figsize=(5 * len(streams), 4.2), squeeze=False)
+    for ax, stream in zip(axes[0], streams):
+        for name, row in run_["streams"][stream].items():
+            if "seconds" not in row:
+                continue
+            ours = name not in AVALANCHE
+            ax.errorbar(row["seconds"]["mean"], row["cil"]["mean"], yerr=row["cil"]["std"], fmt="o" if ours else "s",
+                        color="C0" if name in ("paper", "parity") else ("C2" if ours else "C3"), capsize=3)
+            ax.annotate(name, (row["seconds"]["mean"], row["cil"]["mean"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_title(stream)
+        ax.set_xlabel("seconds per run (training + evaluation)")
+        ax.set_ylabel("final class-IL accuracy (test)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Accuracy against time: BMC (blue), bmc_fast baselines (green), Avalanche (red squares)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def test_er_joins_every_batch_with_an_equal_draw_from_the_buffer(three, monkeypa
     monkeypatch.setattr(baselines, "ReservoirBuffer", Buffer)
     rec = Recorder(monkeypatch)
     cfg = BMCConfig(**{**TINY, "memory_size": 50})
-    res = baselines.er(three, cfg, small_model)
+    res = baselines.er(three, cfg, small_model, buffer="reservoir")
     assert len(draws) == len(rec.batches) - 1  # every step but the first replays
     presented = torch.empty(0, three.input_dim)
     for k, (task, spec, x, batch) in enumerate(rec.batches):
@@ -269,7 +269,7 @@ def test_derpp_stores_each_samples_logits_once_and_replays_them(three, monkeypat
         return real_eval(model, *a, **k)
 
     monkeypatch.setattr(baselines, "evaluate_rows", evaluate)
-    res = baselines.derpp(three, BMCConfig(**{**TINY, "memory_size": 40}), small_model)
+    res = baselines.derpp(three, BMCConfig(**{**TINY, "memory_size": 40}), small_model, buffer="reservoir")
     buf = made[0]
     assert replayed[1:] and all(replayed[1:]) and not replayed[0]  # the first step has nothing stored
     assert torch.equal(buf.written, buf.logits)  # never changed after insertion
@@ -423,3 +423,96 @@ def test_er_with_the_class_balanced_buffer(three, monkeypatch):
     res = baselines.er(three, BMCConfig(**{**TINY, "memory_size": 60}), small_model, buffer="balanced")
     assert res.config["baseline"]["buffer"] == "balanced" and np.isfinite(res.til_matrix[-1]).all()
     assert len(made) == 1 and made[0].counts[:6] == [10] * 6  # six classes seen, 60 slots
+
+
+# -- buffers filled after each task ---------------------------------------------------------------
+
+def test_task_end_buffer_keeps_an_even_random_share_of_every_task():
+    g = torch.Generator().manual_seed(0)
+    buf = baselines.TaskEndBuffer(10, "task", g)
+    xs = [torch.arange(100 * t, 100 * t + n, dtype=torch.float32)[:, None] for t, n in enumerate([30, 4, 50])]
+    ys = [torch.full((len(x),), t) for t, x in enumerate(xs)]
+    buf.add_task(0, xs[0], ys[0])
+    assert len(buf) == 10 and len(set(buf.x.flatten().tolist())) == 10
+    assert _rows_in(buf.x, xs[0])
+    held0 = set(buf.x.flatten().tolist())
+    buf.add_task(1, xs[1], ys[1])  # 5 + 5 slots, but task 1 has only 4 rows
+    assert torch.bincount(buf.y).tolist() == [5, 4] and set(buf.x[buf.y == 0].flatten().tolist()) <= held0
+    buf.add_task(2, xs[2], ys[2])  # 4 + 3 + 3: the remainder to the oldest group
+    assert torch.bincount(buf.y).tolist() == [4, 3, 3]
+    for t in range(3):
+        assert _rows_in(buf.x[buf.y == t], xs[t])
+    # every row of a task is as likely to be kept
+    counts = torch.zeros(30)
+    for seed in range(600):
+        b = baselines.TaskEndBuffer(5, "task", torch.Generator().manual_seed(seed))
+        b.add_task(0, xs[0], ys[0])
+        counts[b.x.flatten().long()] += 1
+    assert counts.min() > 60 and counts.max() < 150  # expected 100 each
+
+
+def test_class_end_buffer_balances_classes_and_keeps_logits_with_rows():
+    g = torch.Generator().manual_seed(1)
+    buf = baselines.TaskEndBuffer(12, "class", g)
+    x = torch.arange(60, dtype=torch.float32)[:, None]
+    y = torch.tensor([0] * 40 + [1] * 20)
+    buf.add_task(0, x, y, logits=x.repeat(1, 3) * 2)
+    assert torch.bincount(buf.y).tolist() == [6, 6]
+    assert torch.equal(buf.logits, buf.x.repeat(1, 3) * 2)  # each row keeps its own logits
+    buf.add_task(1, x + 100, torch.tensor([2] * 30 + [3] * 30), logits=(x + 100).repeat(1, 3) * 2)
+    assert torch.bincount(buf.y).tolist() == [3, 3, 3, 3] and torch.equal(buf.logits, buf.x.repeat(1, 3) * 2)
+    with pytest.raises(ValueError, match="logits"):
+        buf.add_task(2, x, y + 4)
+    with pytest.raises(ValueError, match="by"):
+        baselines.TaskEndBuffer(4, "sample", g)
+
+
+@pytest.mark.parametrize("buffer", ["task", "class"])
+def test_er_task_end_buffers_replay_only_earlier_tasks(three, monkeypatch, buffer):
+    rec = Recorder(monkeypatch)
+    cfg = BMCConfig(**{**TINY, "memory_size": 66})
+    res = baselines.er(three, cfg, small_model) if buffer == "class" else baselines.er(three, cfg, small_model,
+                                                                                        buffer=buffer)
+    assert res.config["baseline"]["buffer"] == buffer  # "class" is the default
+    trained = {t: three[t].x_train.float() for t in range(3)}
+    for task, spec, x, batch in rec.batches:
+        seen = three.offsets[task] + three[task].num_classes
+        y = batch["labels"]
+        current = (y >= three.offsets[task]).sum()
+        assert (y[:current] >= three.offsets[task]).all()  # the current rows first
+        replayed = x[current:]
+        if task == 0:
+            assert len(replayed) == 0
+        else:
+            assert len(replayed) == current  # an equal draw: the memory holds 66 >= the batch
+            assert (y[current:] < three.offsets[task]).all() and _rows_in(replayed, torch.cat(
+                [trained[t] for t in range(task)]))
+        assert (batch["ce_len"] == seen).all()
+
+
+def test_derpp_task_end_buffer_stores_the_finished_models_logits(three, monkeypatch):
+    made = []
+
+    class Buffer(baselines.TaskEndBuffer):
+        def __init__(self, *a):
+            super().__init__(*a)
+            made.append(self)
+
+    monkeypatch.setattr(baselines, "TaskEndBuffer", Buffer)
+    after = []
+    real_eval = baselines.evaluate_rows
+
+    def evaluate(model, *a, **k):
+        after.append(copy.deepcopy(model).eval())
+        return real_eval(model, *a, **k)
+
+    monkeypatch.setattr(baselines, "evaluate_rows", evaluate)
+    res = baselines.derpp(three, BMCConfig(**{**TINY, "memory_size": 36}), small_model)  # buffer="class"
+    buf = made[0]
+    assert res.config["baseline"]["buffer"] == "class" and torch.bincount(buf.y).tolist() == [6] * 6
+    for t in range(3):  # each task's rows hold the eval-mode logits of the model that finished it
+        rows = (buf.y >= three.offsets[t]) & (buf.y < three.offsets[t] + three[t].num_classes)
+        with torch.no_grad():
+            torch.testing.assert_close(buf.logits[rows], after[t](buf.x[rows].float())[0])
+            if t < 2:  # never refreshed: the last model gives them other logits
+                assert not torch.allclose(buf.logits[rows], after[2](buf.x[rows].float())[0])

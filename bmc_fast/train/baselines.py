@@ -33,6 +33,7 @@ import torch
 
 from . import seeding
 from . import threads
+from ..backbone import inference_rows
 from .run import training_run
 from .metrics import Result, evaluate, evaluate_rows
 from .step import LossSpec, adamw, backbone_mode, build_step, describe, loss_ops
@@ -145,6 +146,72 @@ class BalancedBuffer(_Slots):
                 counts[big] -= 1
             self._write([s], x, y, logits, [i])
             counts[c] += 1
+
+
+class TaskEndBuffer:
+    """A buffer filled once per task, after the model has trained on it, with an even share of
+    ``capacity`` per group: per task (``by="task"``: Avalanche's ``ExperienceBalancedBuffer``,
+    the storage of its Replay) or per class (``by="class"``: its ``ClassBalancedBuffer``, the
+    storage of its DER and GDumb). Each group is a uniform random subset of its rows without
+    replacement; ``capacity // groups`` slots each, the remainder one more to the oldest groups
+    (the lowest class ids). A group that loses slots keeps a uniform subset of what it held. A
+    class met again is merged: its kept rows and the new ones in a fresh random order, cut to
+    its share. Rows of the task being trained are never in the buffer while it trains."""
+
+    def __init__(self, capacity: int, by: str, generator: torch.Generator):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        if by not in ("task", "class"):
+            raise ValueError(f"by must be 'task' or 'class', got {by!r}")
+        self.capacity, self.by, self.generator = capacity, by, generator
+        self.groups: dict[int, tuple] = {}  # key -> (x, y, logits or None), rows in a random order
+        self.x = self.y = self.logits = None
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add_task(self, task: int, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        """Offers the rows of one task (global labels ``y``; ``logits`` stored with them, or None)."""
+        if self.groups and (logits is None) != (self.logits is None):
+            raise ValueError("a buffer stores logits for every sample or for none")
+        keys = [(task, torch.arange(len(y)))] if self.by == "task" else \
+            [(int(c), torch.nonzero(y == c).flatten()) for c in torch.unique(y)]
+        for key, rows in keys:
+            parts = (x[rows], y[rows], None if logits is None else logits[rows].float())
+            if key in self.groups:
+                parts = tuple(None if p is None else torch.cat([q, p]) for q, p in zip(self.groups[key], parts))
+            order = torch.randperm(len(parts[1]), generator=self.generator)
+            self.groups[key] = tuple(None if p is None else p[order] for p in parts)
+        keys = sorted(self.groups)
+        share, extra = divmod(self.capacity, len(keys))
+        for i, key in enumerate(keys):
+            self.groups[key] = tuple(None if p is None else p[: share + (i < extra)] for p in self.groups[key])
+        kept = [self.groups[k] for k in keys]
+        self.x, self.y = torch.cat([g[0] for g in kept]), torch.cat([g[1] for g in kept])
+        self.logits = None if logits is None else torch.cat([g[2] for g in kept])
+        self.size = len(self.y)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``min(n, len)`` distinct stored rows, uniformly at random."""
+        return torch.randperm(self.size, generator=generator)[:n]
+
+
+STORAGE = ("task", "class", "reservoir")  # ER's and DER++'s buffers: filled after each task, or online
+
+
+def _storage(cfg, method: str, storage: str, num_classes: int):
+    g = _generator(cfg, method, _BUFFER)
+    if storage == "reservoir":
+        return ReservoirBuffer(cfg.memory_size, g)
+    if storage == "balanced":
+        return BalancedBuffer(cfg.memory_size, num_classes, g)
+    return TaskEndBuffer(cfg.memory_size, storage, g)
+
+
+def _check_storage(buffer, allowed) -> None:
+    if buffer not in allowed:
+        raise ValueError(f"buffer must be one of {', '.join(map(repr, allowed))}, got {buffer!r}")
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -261,15 +328,21 @@ def _joint(stream, cfg, model_fn, epochs, t0) -> Result:
 
 # -- ER -----------------------------------------------------------------------------------------
 
-def er(stream, cfg, model_fn, *, buffer: str = "reservoir") -> Result:
+def er(stream, cfg, model_fn, *, buffer: str = "class") -> Result:
     """Experience replay: every minibatch of the current task is joined by an equal number of
     samples drawn uniformly from a buffer of ``cfg.memory_size`` samples, and one CE step (mean
-    over the joined rows, over the classes seen so far) trains on both; the current minibatch
-    then enters the buffer. ``buffer="reservoir"``: a uniform sample of every training sample
-    presented so far (each epoch presents a task's samples again, as in the DER authors' code);
-    ``"balanced"``: GDumb's greedy class-balanced sampler (:class:`BalancedBuffer`)."""
-    if buffer not in ("reservoir", "balanced"):
-        raise ValueError(f"buffer must be 'reservoir' or 'balanced', got {buffer!r}")
+    over the joined rows, over the classes seen so far) trains on both; an epoch is one pass
+    over the current task (the memory never lengthens it). ``buffer``:
+
+    * ``"class"`` (default): filled after each task, an even share per class, a uniform subset
+      of each (:class:`TaskEndBuffer`; the storage of Avalanche's DER and GDumb).
+    * ``"task"``: filled after each task, an even share per task (:class:`TaskEndBuffer`;
+      Avalanche's Replay).
+    * ``"reservoir"``: a uniform sample of every training sample presented so far, filled as
+      they are presented (each epoch presents a task's samples again, as in the DER authors'
+      code), so the current task is replayed too.
+    * ``"balanced"``: GDumb's greedy class-balanced sampler (:class:`BalancedBuffer`), online."""
+    _check_storage(buffer, STORAGE + ("balanced",))
     with training_run(cfg):
         return _er(stream, cfg, model_fn, buffer)
 
@@ -277,9 +350,8 @@ def er(stream, cfg, model_fn, *, buffer: str = "reservoir") -> Result:
 def _er(stream, cfg, model_fn, kind) -> Result:
     clock, device = _Clock(), torch.device(cfg.device)
     model = _new_model(stream, cfg, model_fn)
-    g = _generator(cfg, "er", _BUFFER)
-    buf = ReservoirBuffer(cfg.memory_size, g) if kind == "reservoir" else \
-        BalancedBuffer(cfg.memory_size, stream.num_classes, g)
+    buf = _storage(cfg, "er", kind, stream.num_classes)
+    online = not isinstance(buf, TaskEndBuffer)
     result = _result(stream, "er", cfg, {"buffer": kind})
     steps = []
     for t, task in enumerate(stream):
@@ -300,8 +372,11 @@ def _er(stream, cfg, model_fn, kind) -> Result:
                 if step is None:
                     step = build_step(model, opt, LossSpec(), cfg, xb)
                 step(xb, batch, _dropout(cfg, "er", t, k))
-                buf.add(x[idx], y[idx])
+                if online:
+                    buf.add(x[idx], y[idx])
         model.eval()
+        if not online:
+            buf.add_task(t, x, y)
         steps.append(describe(step))
         clock.train_s += time.perf_counter() - t0
         _evaluate_into(result, model, stream, t, cfg, clock)
@@ -369,11 +444,14 @@ class DerppStep:
         return loss.detach(), cur.detach().float()
 
 
-def derpp(stream, cfg, model_fn, *, alpha: float = 0.1, beta: float = 0.5) -> Result:
-    """DER++ (Buzzega et al., NeurIPS 2020): a reservoir buffer of ``cfg.memory_size`` samples
-    keeps each sample's input, label and the logits (whole head) the model gave it in the step
-    that presented it (the training-mode forward before the update, as the authors' code);
-    those logits are never refreshed. Every step adds to the CE of the current minibatch
+def derpp(stream, cfg, model_fn, *, alpha: float = 0.1, beta: float = 0.5, buffer: str = "class") -> Result:
+    """DER++ (Buzzega et al., NeurIPS 2020): a buffer of ``cfg.memory_size`` samples keeps each
+    sample's input, label and logits (whole head), never refreshed. ``buffer="class"`` (default)
+    or ``"task"``: filled after each task (:class:`TaskEndBuffer`, an even share per class or per
+    task), with the logits of the model that finished the task, in eval mode (as Avalanche's
+    DER); ``"reservoir"``: filled online by reservoir sampling, with the logits the model gave
+    each sample in the step that presented it (the training-mode forward before the update, as
+    the DER authors' code). Every step adds to the CE of the current minibatch
     ``alpha`` times the MSE between the model's logits on one replayed draw and their stored
     logits, and ``beta`` times the CE of a second, independent draw with its stored labels (CE
     over the classes seen so far). Each draw has as many samples as the current minibatch.
@@ -383,16 +461,18 @@ def derpp(stream, cfg, model_fn, *, alpha: float = 0.1, beta: float = 0.5) -> Re
     for name, v in (("alpha", alpha), ("beta", beta)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+    _check_storage(buffer, STORAGE)
     with training_run(cfg):
-        return _derpp(stream, cfg, model_fn, float(alpha), float(beta))
+        return _derpp(stream, cfg, model_fn, float(alpha), float(beta), buffer)
 
 
-def _derpp(stream, cfg, model_fn, alpha, beta) -> Result:
+def _derpp(stream, cfg, model_fn, alpha, beta, kind) -> Result:
     clock, device = _Clock(), torch.device(cfg.device)
     model = _new_model(stream, cfg, model_fn)
-    buf = ReservoirBuffer(cfg.memory_size, _generator(cfg, "derpp", _BUFFER))
+    buf = _storage(cfg, "derpp", kind, stream.num_classes)
+    online = kind == "reservoir"
     result = _result(stream, "derpp", cfg,
-                     {"alpha": alpha, "beta": beta, "step": f"autograd ({DerppStep.reason})"})
+                     {"alpha": alpha, "beta": beta, "buffer": kind, "step": f"autograd ({DerppStep.reason})"})
     for t, task in enumerate(stream):
         t0 = time.perf_counter()
         x, y, seen = task.x_train, task.y_train + stream.offsets[t], _seen(stream, t)
@@ -416,12 +496,22 @@ def _derpp(stream, cfg, model_fn, alpha, beta) -> Result:
                 if step is None:
                     step = DerppStep(model, opt, cfg, xb, alpha, beta)
                 _, logits = step(xb, batch, _dropout(cfg, "derpp", t, k))
-                buf.add(x[idx], y[idx], logits.cpu())
+                if online:
+                    buf.add(x[idx], y[idx], logits.cpu())
         model.eval()
+        if not online:
+            buf.add_task(t, x, y, _logits_of(model, x, device))
         clock.train_s += time.perf_counter() - t0
         _evaluate_into(result, model, stream, t, cfg, clock)
     result.timings = clock.timings()
     return result
+
+
+@torch.no_grad()
+def _logits_of(model, x: torch.Tensor, device) -> torch.Tensor:
+    """The eval-mode model's logits (whole head) of every row of ``x``, on the CPU."""
+    n = inference_rows(device)
+    return torch.cat([_outputs(model, xs.float().to(device)).cpu() for xs in x.split(n)])
 
 
 # -- LwF ----------------------------------------------------------------------------------------

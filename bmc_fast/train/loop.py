@@ -107,6 +107,7 @@ class BMC:
                                                           inner=self.config.backbone_inner))
         self.model: nn.Module | None = None
         self.memory = Memory()
+        self._next_step = self._next_task = 0  # fit_step's place in its stream
 
     def _log(self, events, record):
         if events is not None:
@@ -147,10 +148,13 @@ class BMC:
         def before_consolidation(s):  # the tasks of step s whose rows the model before its consolidation gives
             return [] if s >= len(steps) else steps[s][:-1] if consolidated[s] else steps[s]
         self.model = self.model_fn(stream.input_dim, stream.num_classes).to(device)
-        out = self.model(stream[0].x_train[:2].float().to(device))
+        with torch.no_grad():  # in eval mode: the probe leaves BatchNorm's running statistics alone
+            was = self.model.training
+            out = self.model.eval()(stream[0].x_train[:2].float().to(device))
+            self.model.train(was)
         if not (isinstance(out, tuple) and len(out) == 2 and out[0].shape == (2, stream.num_classes)):
             raise ValueError("the model must return (logits [N, num_classes], features [N, D])")
-        self.memory = Memory()
+        self.memory, self._next_step, self._next_task = Memory(), 0, 0
         result = Result.empty([t.name for t in stream], step_starts=[s[0] for s in steps], config=cfg.to_dict())
         timings = {"experts_s": 0.0, "buffers_s": 0.0, "consolidation_s": 0.0, "evaluation_s": 0.0}
         ckpt = os.path.join(checkpoint_dir, "bmc-checkpoint.pt") if checkpoint_dir else None
@@ -193,8 +197,47 @@ class BMC:
         result.timings = {**timings, **runner.timings}
         return result if runner.is_main else None
 
-    def _consolidate(self, stream, s, new, timings, events):
-        """Step ``s``'s consolidation on the new buffers and the memory (``memory_policy``)."""
+    def fit_step(self, stream, task_ids: list[int], num_classes: int | None = None) -> dict:
+        """One incremental step, for loops that hand the trainer its tasks as they come (such as
+        :class:`bmc_fast.integrations.avalanche.BMCStrategy`): the experts of ``task_ids`` (the
+        next consecutive tasks of ``stream``) trained from the current model, then a
+        consolidation on their buffers and the memory kept so far. Where ``self.model`` is None
+        (a new trainer, or after :meth:`reset`) the first call builds it, ``model_fn(stream.input_dim,
+        num_classes or stream.num_classes)``; ``num_classes`` is the model's head width, which may
+        exceed the classes met so far. Steps are
+        counted from there, so the groups of ``incremental_steps(len(stream), n_experts)`` given in
+        order train the model and memory :meth:`fit` trains, bit for bit. Returns the step's
+        timings (seconds of experts, buffers and consolidation)."""
+        from ..data import TaskStream
+
+        if not isinstance(stream, TaskStream):
+            raise TypeError(f"stream must be a bmc_fast.data.TaskStream, got {type(stream).__name__}")
+        ids = [int(t) for t in task_ids]
+        if not ids or ids != list(range(self._next_task, self._next_task + len(ids))) or ids[-1] >= len(stream):
+            raise ValueError(f"task_ids must be the next consecutive tasks of the stream, from task "
+                             f"{self._next_task}, got {list(task_ids)}")
+        cfg = self.config
+        timings = {"experts_s": 0.0, "buffers_s": 0.0, "consolidation_s": 0.0}
+        with training_run(cfg):
+            if self.model is None:
+                width = num_classes or stream.num_classes
+                self.model = self.model_fn(stream.input_dim, width).to(torch.device(cfg.device))
+                self.memory = Memory()
+            s = self._next_step
+            t0 = time.perf_counter()
+            arts = LocalExperts().train(self.model, stream, ids, s, cfg, s > 0 or cfg.stability_first_step)
+            timings["experts_s"] = time.perf_counter() - t0
+            self._consolidate(stream, s, [a.buffer for a in arts], timings, None, num_classes)
+        self._next_step, self._next_task = s + 1, ids[-1] + 1
+        return timings
+
+    def reset(self) -> None:
+        """Forgets the model and memory: the next :meth:`fit_step` starts a new run."""
+        self.model, self.memory, self._next_step, self._next_task = None, Memory(), 0, 0
+
+    def _consolidate(self, stream, s, new, timings, events, num_classes: int | None = None):
+        """Step ``s``'s consolidation on the new buffers and the memory (``memory_policy``), the
+        model's head ``num_classes`` wide (default: the stream's classes)."""
         cfg = self.config
         t0 = time.perf_counter()
         gen = seeding.generator(cfg.seed, "memory", s)
@@ -205,7 +248,7 @@ class BMC:
             train_set = self.memory.with_buffers(new)
         timings["buffers_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        info = consolidate(self.model, train_set, cfg, stream.num_classes, s,
+        info = consolidate(self.model, train_set, cfg, num_classes or stream.num_classes, s,
                            log=(lambda r: self._log(events, r)) if events else None)
         seconds = time.perf_counter() - t0
         timings["consolidation_s"] += seconds
