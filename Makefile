@@ -3,6 +3,8 @@
 #   make demo       - the main job: BMC on the embedded default stream (see README)
 #   make bench      - kernel micro-benchmarks (pytest-benchmark), tables in benchmarks/out/
 #   make cuda-check - compile every CUDA kernel with nvcc for sm_80 and sm_90 (no GPU needed)
+#   make test-avalanche - the Avalanche integration's tests, in an environment with the [avalanche] extra
+#                     (AVALANCHE_VENV, default build/cuda-venv: torch 2.14.1, which torchvision needs)
 #   make gpu-check  - on a GPU machine: build for its GPU, run the CUDA tests, the GPU benchmarks and the
 #                     trainer on CUDA; one report in benchmarks/results/ (GPU_PYTHON: a python whose torch
 #                     has CUDA; default .venv's if there is one, else python3)
@@ -23,7 +25,7 @@ SOURCES := $(shell find csrc bmc_fast -type f \( -name '*.cpp' -o -name '*.h' -o
            CMakeLists.txt pyproject.toml
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-.PHONY: setup install test demo bench bench-quick cuda-check gpu-check clean
+.PHONY: setup install test test-avalanche demo bench bench-quick cuda-check gpu-check clean
 
 # Re-run when this file changes (a new test dependency reaches existing environments).
 $(STAMP): Makefile
@@ -59,6 +61,9 @@ bench-quick: install
 
 cuda-check:
 	bash tests/cuda_compile/check.sh
+
+test-avalanche:
+	bash tests/avalanche_env.sh
 
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

@@ -50,16 +50,17 @@ VARIANTS = {
 }
 # The baselines' storage choices, chosen on validation data like the paper preset's terms.
 BASELINE_VARIANTS = {f"{m} (buffer={b})": (m, {"buffer": b}) for m in ("er", "derpp") for b in ("task", "class", "reservoir")}
+BASELINE_VARIANTS.update({f"{m} (optimizer=stream)": (m, {"optimizer": "stream"}) for m in ("er", "derpp")})
+BASELINE_VARIANTS.update({f"derpp (alpha={a}, beta={b}{o})": ("derpp", {"alpha": a, "beta": b, **opt})
+                          for a in (0.1, 0.3, 0.5) for b in (0.5, 1.0)
+                          for o, opt in (("", {}), (", optimizer=stream", {"optimizer": "stream"}))})
+BASELINE_VARIANTS.update({"derpp (draws=1)": ("derpp", {"draws": 1}),
+                          "derpp (draws=1, optimizer=stream)": ("derpp", {"draws": 1, "optimizer": "stream"})})
 OURS = ("paper", "parity", "er", "derpp", "lwf", "gdumb", "finetune")
 # Avalanche's own strategies (bmc_fast.integrations.avalanche, the [avalanche] extra), as the rows name them.
 AVALANCHE = {f"avalanche {n}": n for n in ("naive", "replay", "der", "lwf", "gdumb")}
 COMPARED = OURS + tuple(AVALANCHE)
 PUBLIC = "public code (K = 1)"
-# Paired by seed in the compare table: each of our baselines against its Avalanche counterpart.
-PAIRS = (("er", "avalanche replay"), ("derpp", "avalanche der"), ("lwf", "avalanche lwf"),
-         ("gdumb", "avalanche gdumb"), ("finetune", "avalanche naive"))
-
-
 def avalanche_available() -> str | None:
     """Avalanche's version, or None where the [avalanche] extra is not installed."""
     try:
@@ -264,6 +265,7 @@ def plot_compare(results: str, path: str) -> str:
     ``accuracy_compare`` section of the results file ``results``, one panel per stream; a PNG
     written to ``path``."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -281,6 +283,8 @@ def plot_compare(results: str, path: str) -> str:
             ax.annotate(name, (row["seconds"]["mean"], row["cil"]["mean"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels on the decades only
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_title(stream)
         ax.set_xlabel("seconds per run (training + evaluation)")
         ax.set_ylabel("final class-IL accuracy (test)")

@@ -5,7 +5,7 @@ A results file holds the current figures of one kind of machine (``zen4-avx512.j
 ``nvidia-h200.json``, ...): ``machine`` (what it is), ``kernels`` (one row per op, mode, dtype,
 shape and thread count, as ``_harness.time_and_record`` makes them) and sections of whole runs
 (``e2e``, ``contention``, ``stream_scale``, ``accuracy_select``, ``accuracy_compare``,
-``accuracy_parity``, ``distributed``, ``autods``). A new benchmark run replaces the rows and runs
+``accuracy_parity``, ``avalanche``, ``distributed``, ``autods``). A new benchmark run replaces the rows and runs
 with the same key and keeps the others, so each file always holds the latest figure of
 every case; git keeps the older ones. Every row and run carries the commit and torch it was
 measured with.
@@ -215,28 +215,73 @@ def _autods(doc: dict) -> list:
     return out
 
 
+# Rows of the compare table paired by seed: each of our baselines and its Avalanche counterpart.
+_PAIRS = (("er", "avalanche replay"), ("derpp", "avalanche der"), ("lwf", "avalanche lwf"),
+          ("gdumb", "avalanche gdumb"), ("finetune", "avalanche naive"))
+
+
+def _diff(a: dict, b: dict):
+    """(mean, standard error) in points of a - b paired by seed, or None where the seeds differ."""
+    if a.get("seeds") != b.get("seeds") or "cil" not in a or "cil" not in b:
+        return None
+    import statistics
+
+    d = [(x - y) * 100 for x, y in zip(a["cil"]["values"], b["cil"]["values"])]
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return statistics.fmean(d), se
+
+
+def _paired(run: dict, streams: list) -> list:
+    """Paired differences of the compare table: paper minus the best other row of each stream,
+    and each baseline minus its Avalanche counterpart."""
+    out = ["", "Differences paired by seed, in points (± standard error):", ""]
+    for s in streams:
+        rows = run["streams"][s]
+        parts = []
+        others = {m: r for m, r in rows.items() if m != "paper" and "cil" in r}
+        if "paper" in rows and others:
+            best = max(others, key=lambda m: others[m]["cil"]["mean"])
+            d = _diff(rows["paper"], others[best])
+            if d:
+                parts.append(f"paper - {best} (the best other row) {d[0]:+.1f} ± {d[1]:.1f}")
+        for ours, theirs in _PAIRS:
+            d = _diff(rows.get(ours, {}), rows.get(theirs, {}))
+            if d:
+                parts.append(f"{ours} - {theirs} {d[0]:+.1f} ± {d[1]:.1f}")
+        if parts:
+            out.append(f"- {s}: " + "; ".join(parts) + ".")
+    return out if len(out) > 3 else []
+
+
 def _accuracy(doc: dict) -> list:
     out = []
-    def ms(row, seeds):
+    def ms(row, seeds, timed=False):
         v = row.get("cil")
         if v is None:
             return "-"
         own = list(row.get("seeds", seeds))
-        return f"{v['mean']:.3f} ± {v['std']:.3f}" + ("" if own == list(seeds) else
-                                                       f" (seeds {', '.join(map(str, own))})")
-    for section, title in (("accuracy_compare", "Accuracy: paper against parity and the baselines"),
-                           ("accuracy_select", "Accuracy on validation data: the ablation that chose the defaults")):
+        secs = f" · {row['seconds']['mean']:.1f} s" if timed and "seconds" in row else ""
+        return f"{v['mean']:.3f} ± {v['std']:.3f}{secs}" + ("" if own == list(seeds) else
+                                                              f" (seeds {', '.join(map(str, own))})")
+    for section, title in (("accuracy_compare", "Accuracy: BMC against its parity preset, our baselines and Avalanche's"),
+                           ("accuracy_select", "Accuracy on validation data: the choices of the defaults")):
         for run in doc.get(section, []):
             streams = list(run["streams"])
             rows = list(dict.fromkeys(m for s in streams for m in run["streams"][s]))
             recipe = "; ".join(f"{s}: {r['epochs']} + {r['consolidation_epochs']} epochs, memory {r['memory_size']}"
                                for s, r in run["recipes"].items() if s in streams)
+            timed = section == "accuracy_compare"
+            cells = (" Each cell: mean ± std · seconds a run (training and evaluation, on this machine, in one run)"
+                     + (f"; Avalanche {run['avalanche']}, torch {run['torch']}." if run.get("avalanche") else ".")
+                     if timed else "")
             out += ["", f"### {title} (`benchmarks/accuracy.py {run['bench']}`)", "",
                     f"Final class-IL accuracy, mean ± std over seeds {', '.join(map(str, run['seeds']))} (where not said "
-                    f"otherwise), on the {run['split']} splits ({recipe}); commit {run['commit']}.", "",
+                    f"otherwise), on the {run['split']} splits ({recipe}); commit {run['commit']}.{cells}", "",
                     "| | " + " | ".join(streams) + " |", "|---" * (len(streams) + 1) + "|"]
-            out += [f"| {m} | " + " | ".join(ms(run["streams"][s].get(m, {}), run["seeds"]) for s in streams) + " |"
-                    for m in rows]
+            out += [f"| {m} | " + " | ".join(ms(run["streams"][s].get(m, {}), run["seeds"], timed) for s in streams)
+                    + " |" for m in rows]
+            if timed:
+                out += _paired(run, streams)
     for run in doc.get("accuracy_parity", []):
         out += ["", "### Parity with the authors' public code (`benchmarks/accuracy.py parity`)", "",
                 f"Final class-IL accuracy on the test splits, the `parity` preset and {run['public_code']} run on the "
@@ -248,6 +293,19 @@ def _accuracy(doc: dict) -> list:
             out.append(f"| {name} | {len(r['seeds'])} | {r['public']['mean']:.3f} ± {r['public']['std']:.3f} | "
                        f"{r['parity']['mean']:.3f} ± {r['parity']['std']:.3f} | {r['diff_points']:+.2f} ± {se} | "
                        f"{r.get('commit', run['commit'])} |")
+    return out
+
+
+def _avalanche(doc: dict) -> list:
+    out = []
+    for run in doc.get("avalanche", []):
+        out += ["", "### BMC inside Avalanche (`benchmarks/bench_avalanche.py`)", "",
+                f"{run['shape']}: the stream learned by `BMC.fit` (training; its evaluation left out) and by "
+                f"`BMCStrategy.train` (Avalanche {run['avalanche']}; reading the experiences included), "
+                f"medians of {run['rounds']} interleaved rounds, {run['threads']} thread(s), torch {run['torch']}; "
+                f"commit {run['commit']}.", "",
+                "| BMC.fit s | BMCStrategy s | strategy speed / fit speed (paired) |", "|---|---|---|",
+                f"| {run['fit_s']:.2f} | {run['strategy_s']:.2f} | {run['speed_fraction']:.3f} |"]
     return out
 
 
@@ -292,7 +350,7 @@ def render_machine(doc: dict, link_dir: str = "results") -> list:
     out[-1] += " " + ", ".join(f for f in facts if f) + "."
     if m.get("notes"):
         out += ["", m["notes"]]
-    for part in (_e2e, _contention, _stream_scale, _accuracy, _kernels, _distributed, _autods):
+    for part in (_e2e, _contention, _stream_scale, _accuracy, _avalanche, _kernels, _distributed, _autods):
         out += part(doc)
     return out
 

@@ -516,3 +516,63 @@ def test_derpp_task_end_buffer_stores_the_finished_models_logits(three, monkeypa
             torch.testing.assert_close(buf.logits[rows], after[t](buf.x[rows].float())[0])
             if t < 2:  # never refreshed: the last model gives them other logits
                 assert not torch.allclose(buf.logits[rows], after[2](buf.x[rows].float())[0])
+
+
+@pytest.mark.parametrize("method", ["er", "derpp"])
+def test_optimizer_per_task_or_for_the_whole_stream(three, monkeypatch, method):
+    made = []
+    real = baselines.adamw
+
+    def counting(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(baselines, "adamw", counting)
+    cfg = BMCConfig(**TINY)
+    res = baselines.BASELINES[method](three, cfg, small_model, optimizer="task")
+    assert len(made) == 3 and res.config["baseline"]["optimizer"] == "task"  # a fresh AdamW per task
+    made.clear()
+    res = baselines.BASELINES[method](three, cfg, small_model, optimizer="stream")
+    assert len(made) == 1 and res.config["baseline"]["optimizer"] == "stream"
+    state = made[0].state_dict()["state"]
+    # the moments kept counting over the three tasks' steps
+    steps = sum(len(range(0, len(t.y_train), cfg.batch_size)) for t in three)
+    assert all(int(s["step"]) in (steps, steps - 1, steps - 2, steps - 3) for s in state.values())
+    with pytest.raises(ValueError, match="optimizer must be"):
+        baselines.BASELINES[method](three, cfg, small_model, optimizer="global")
+    assert baselines.BASELINES[method](three, cfg, small_model).config["baseline"]["optimizer"] == \
+        {"er": "stream", "derpp": "task"}[method]  # the defaults chosen on validation data
+
+
+def test_derpp_one_draw_serves_both_replay_terms():
+    step = _derpp_step(alpha=0.3, beta=0.7)
+    b, m, c = 4, 3, 6
+    g = torch.Generator().manual_seed(1)
+    cur, fit = torch.randn(b, c, generator=g), torch.randn(m, c, generator=g)
+    rows = torch.cat([cur, fit])
+    step.forward = lambda x, seeds, first: (rows[:len(x)].clone().requires_grad_(), None)
+    y = torch.tensor([4, 5, 4, 5, 0, 3, 1])
+    target = torch.randn(m, c, generator=g)
+    batch = {"labels": y, "ce_offset": torch.zeros(7, dtype=torch.long), "ce_len": torch.full((7,), 6),
+             "target_logits": target, "sizes": (b, m)}
+    terms, _ = step.terms(torch.zeros(b + m, 8), batch)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(terms["logit_mse"], (fit - target).pow(2).mean())
+    torch.testing.assert_close(terms["replay_ce"], ce(fit, y[b:]))  # the same rows' labels
+
+
+def test_derpp_with_one_draw_replays_batches_of_twice_the_minibatch(three, monkeypatch):
+    sizes = []
+    real = baselines.DerppStep.terms
+
+    def terms(self, x, batch, seeds=None):
+        sizes.append((len(x), batch["sizes"]))
+        return real(self, x, batch, seeds)
+
+    monkeypatch.setattr(baselines.DerppStep, "terms", terms)
+    res = baselines.derpp(three, BMCConfig(**{**TINY, "memory_size": 60}), small_model, draws=1)
+    assert res.config["baseline"]["draws"] == 1
+    replayed = [(n, bm) for n, bm in sizes if bm[1]]
+    assert replayed and all(n == bm[0] + bm[1] for n, bm in replayed)
+    with pytest.raises(ValueError, match="draws"):
+        baselines.derpp(three, BMCConfig(**TINY), small_model, draws=3)

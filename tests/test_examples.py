@@ -8,18 +8,19 @@ import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 SCRIPTS = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".py"))
-NEEDS = {"lightning_module.py": "lightning"}  # test-only dependencies of some examples
+NEEDS = {"lightning_module.py": "lightning", "avalanche_bmc.py": "avalanche"}  # optional dependencies of some examples
 
 
 def test_every_example_is_listed():
-    assert SCRIPTS == ["consolidation.py", "lightning_module.py", "plain_pytorch.py", "stacked_experts.py"]
+    assert SCRIPTS == ["avalanche_bmc.py", "consolidation.py", "lightning_module.py", "plain_pytorch.py",
+                       "stacked_experts.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_example_runs(script):
     package = NEEDS.get(script)
     if package and importlib.util.find_spec(package) is None:
-        pytest.skip(f"{script} needs {package} (a test dependency: pip install {package})")
+        pytest.skip(f"{script} needs {package} (pip install {package}, or the [avalanche] extra)")
     with open(os.path.join(EXAMPLES, script)) as f:
         source = f.read()
     assert source.startswith('"""') and len(source.splitlines()) <= 80  # says what it shows; short

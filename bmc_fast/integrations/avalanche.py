@@ -95,7 +95,9 @@ class LogitsModel(nn.Module):
 
 def _quiet_evaluator():
     """An evaluator with no metric and no logger: the suite scores with bmc_fast's matrices."""
-    return EvaluationPlugin(loggers=[])
+    with warnings.catch_warnings():  # Avalanche warns that an evaluator without loggers logs nothing
+        warnings.filterwarnings("ignore", message="No loggers specified", category=UserWarning)
+        return EvaluationPlugin(loggers=[])
 
 
 def _strategy(name: str, model: nn.Module, cfg, plugins, evaluator):
@@ -203,7 +205,7 @@ def _classes(experience, seen: int, where: str) -> tuple[int, int]:
 class BMCStrategy(SupervisedTemplate):
     """Batch Model Consolidation as an Avalanche strategy.
 
-    ``model`` returns ``(logits, features)`` (or is a :class:`LogitsModel`; e.g.
+    Keyword arguments only, as Avalanche's strategies. ``model`` returns ``(logits, features)`` (or is a :class:`LogitsModel`; e.g.
     :func:`initial_model`); its head covers every class of the benchmark. ``config`` is a
     :class:`bmc_fast.BMCConfig` (default: the ``paper`` preset): ``n_experts`` (K), epochs,
     memory and the rest; training runs through the same stacked experts, one-call step and
@@ -222,7 +224,7 @@ class BMCStrategy(SupervisedTemplate):
     (weights-only files); Avalanche's ``save_checkpoint`` pickles the whole strategy with dill,
     and loading that runs code."""
 
-    def __init__(self, model: nn.Module, config=None, *, eval_mb_size: int = 1024, device=None, plugins=None,
+    def __init__(self, *, model: nn.Module, config=None, eval_mb_size: int = 1024, device=None, plugins=None,
                  evaluator=None, **base_kwargs):
         from .. import BMCConfig
         from ..train.loop import BMC
@@ -431,10 +433,13 @@ class BatchedDistillationPlugin(SupervisedPlugin):
         model = strategy.model
         was = model.training
         model.eval()
+        feats = []
         with torch.no_grad():
-            feats = torch.cat([(model(xs.to(strategy.device)), _features(strategy))[1].float().cpu()
-                               for xs in x.split(2048)])
+            for xs in x.split(2048):
+                model(xs.to(strategy.device))
+                feats.append(_features(strategy).float().cpu())
         model.train(was)
+        feats = torch.cat(feats)
         self.buffer.add_task(self._experiences, x, torch.full((len(x),), self._experiences), feats)
         self._experiences += 1
 

@@ -4,7 +4,8 @@ and the same storage budget (``cfg.memory_size`` samples kept between tasks).
 
 * :func:`finetune`: the backbone trained on each task in turn (the forgetting floor).
 * :func:`joint`: trained on all tasks at once (the upper bound).
-* :func:`er`: experience replay from a reservoir buffer (or a class-balanced one).
+* :func:`er`: experience replay from a buffer filled after each task, an even share per class
+  (:class:`TaskEndBuffer`; or per task, or reservoir sampling, or GDumb's sampler).
 * :func:`derpp`: DER++ (Buzzega et al. 2020): replay of stored logits and labels.
 * :func:`lwf`: Learning without Forgetting (Li & Hoiem 2016): distillation of the previous model.
 * :func:`gdumb`: GDumb (Prabhu et al. 2020): a greedy class-balanced memory and a model trained
@@ -38,8 +39,8 @@ from .run import training_run
 from .metrics import Result, evaluate, evaluate_rows
 from .step import LossSpec, adamw, backbone_mode, build_step, describe, loss_ops
 
-__all__ = ["finetune", "joint", "er", "derpp", "lwf", "gdumb", "ReservoirBuffer", "BalancedBuffer", "DerppStep",
-           "BASELINES"]
+__all__ = ["finetune", "joint", "er", "derpp", "lwf", "gdumb", "ReservoirBuffer", "BalancedBuffer", "TaskEndBuffer",
+           "DerppStep", "BASELINES"]
 
 # The keys of the methods' draws in the "baseline" stream. finetune keys its draws by the task
 # index (>= 0) and joint by -1; the methods below use negative keys of their own, then a purpose.
@@ -214,6 +215,18 @@ def _check_storage(buffer, allowed) -> None:
         raise ValueError(f"buffer must be one of {', '.join(map(repr, allowed))}, got {buffer!r}")
 
 
+def _check_optimizer(optimizer) -> None:
+    if optimizer not in ("task", "stream"):
+        raise ValueError(f"optimizer must be 'task' or 'stream', got {optimizer!r}")
+
+
+def _optimizer(model, cfg, how: str, current):
+    """The AdamW of the next task: a fresh one (``how="task"``), or ``current`` once made (``"stream"``)."""
+    if how == "stream" and current is not None:
+        return current
+    return adamw(model.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
+
+
 # -- training -----------------------------------------------------------------------------------
 
 def _batches(n: int, batch_size: int, epochs: int, generator: torch.Generator):
@@ -328,7 +341,7 @@ def _joint(stream, cfg, model_fn, epochs, t0) -> Result:
 
 # -- ER -----------------------------------------------------------------------------------------
 
-def er(stream, cfg, model_fn, *, buffer: str = "class") -> Result:
+def er(stream, cfg, model_fn, *, buffer: str = "class", optimizer: str = "stream") -> Result:
     """Experience replay: every minibatch of the current task is joined by an equal number of
     samples drawn uniformly from a buffer of ``cfg.memory_size`` samples, and one CE step (mean
     over the joined rows, over the classes seen so far) trains on both; an epoch is one pass
@@ -341,23 +354,29 @@ def er(stream, cfg, model_fn, *, buffer: str = "class") -> Result:
     * ``"reservoir"``: a uniform sample of every training sample presented so far, filled as
       they are presented (each epoch presents a task's samples again, as in the DER authors'
       code), so the current task is replayed too.
-    * ``"balanced"``: GDumb's greedy class-balanced sampler (:class:`BalancedBuffer`), online."""
+    * ``"balanced"``: GDumb's greedy class-balanced sampler (:class:`BalancedBuffer`), online.
+
+    ``optimizer``: ``"stream"`` (default), one AdamW whose moments carry over from task to task
+    (as Avalanche's strategies keep theirs); ``"task"``, a fresh AdamW per task, whose first
+    steps move every weight by about the learning rate whatever its gradient (on the 20-task
+    permuted-digits stream 9.8 ± 0.2 points lower, validation, 5 seeds)."""
     _check_storage(buffer, STORAGE + ("balanced",))
+    _check_optimizer(optimizer)
     with training_run(cfg):
-        return _er(stream, cfg, model_fn, buffer)
+        return _er(stream, cfg, model_fn, buffer, optimizer)
 
 
-def _er(stream, cfg, model_fn, kind) -> Result:
+def _er(stream, cfg, model_fn, kind, optimizer) -> Result:
     clock, device = _Clock(), torch.device(cfg.device)
     model = _new_model(stream, cfg, model_fn)
     buf = _storage(cfg, "er", kind, stream.num_classes)
     online = not isinstance(buf, TaskEndBuffer)
-    result = _result(stream, "er", cfg, {"buffer": kind})
-    steps = []
+    result = _result(stream, "er", cfg, {"buffer": kind, "optimizer": optimizer})
+    steps, opt = [], None
     for t, task in enumerate(stream):
         t0 = time.perf_counter()
         x, y, seen = task.x_train, task.y_train + stream.offsets[t], _seen(stream, t)
-        opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
+        opt = _optimizer(model, cfg, optimizer, opt)
         replay, step = _generator(cfg, "er", _REPLAY, t), None
         model.train()
         with backbone_mode(model, cfg):
@@ -414,11 +433,13 @@ class DerppStep:
         """``({"ce", "logit_mse", "replay_ce"}, logits of the current rows)``; the replay terms
         are None when the batch has no replayed rows. ``batch``: ``labels``, ``ce_offset`` and
         ``ce_len`` of the current and the label-replay rows, ``target_logits`` ``[m, C]`` and
-        ``sizes`` ``(b, m)``."""
+        ``sizes`` ``(b, m)``. Rows ``[current (b); replayed (m)]`` without a second draw: one
+        draw serves both replay terms (``derpp(draws=1)``)."""
         L = self.ops
         b, m = batch["sizes"]
         logits, _ = self.forward(x, seeds, 0)
-        cur, fit, rep = logits.split([b, m, m])
+        cur, fit = logits[:b], logits[b:b + m]
+        rep = logits[b + m:] if len(logits) > b + m else fit
         y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
         out = {"ce": L.task_masked_cross_entropy(cur, y[:b], off[:b], ln[:b]), "logit_mse": None, "replay_ce": None}
         if m:
@@ -444,7 +465,8 @@ class DerppStep:
         return loss.detach(), cur.detach().float()
 
 
-def derpp(stream, cfg, model_fn, *, alpha: float = 0.1, beta: float = 0.5, buffer: str = "class") -> Result:
+def derpp(stream, cfg, model_fn, *, alpha: float = 0.1, beta: float = 0.5, buffer: str = "class",
+          optimizer: str = "task", draws: int = 2) -> Result:
     """DER++ (Buzzega et al., NeurIPS 2020): a buffer of ``cfg.memory_size`` samples keeps each
     sample's input, label and logits (whole head), never refreshed. ``buffer="class"`` (default)
     or ``"task"``: filled after each task (:class:`TaskEndBuffer`, an even share per class or per
@@ -457,26 +479,33 @@ def derpp(stream, cfg, model_fn, *, alpha: float = 0.1, beta: float = 0.5, buffe
     over the classes seen so far). Each draw has as many samples as the current minibatch.
     Defaults alpha 0.1, beta 0.5: the pair the DER authors' code lists most often among its
     tuned values (Seq-CIFAR-10 with 200 samples, Seq-TinyImageNet with 5120, Seq-CIFAR-100;
-    aimagelab/mammoth utils/best_args.py), whose alpha ranges over 0.1-1 and beta over 0.5-1."""
+    aimagelab/mammoth utils/best_args.py), whose alpha ranges over 0.1-1 and beta over 0.5-1.
+    ``optimizer``: as :func:`er`'s, but ``"task"`` by default (here ``"stream"`` is 9.3 ± 2.4
+    points lower on digits and noise elsewhere, validation, 5 seeds). ``draws=1``: one replayed draw serves both terms (as
+    Avalanche's DER), one forward over twice the minibatch instead of three times."""
     for name, v in (("alpha", alpha), ("beta", beta)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {v!r}")
     _check_storage(buffer, STORAGE)
+    _check_optimizer(optimizer)
+    if draws not in (1, 2) or isinstance(draws, bool):
+        raise ValueError(f"draws must be 1 or 2, got {draws!r}")
     with training_run(cfg):
-        return _derpp(stream, cfg, model_fn, float(alpha), float(beta), buffer)
+        return _derpp(stream, cfg, model_fn, float(alpha), float(beta), buffer, optimizer, draws)
 
 
-def _derpp(stream, cfg, model_fn, alpha, beta, kind) -> Result:
+def _derpp(stream, cfg, model_fn, alpha, beta, kind, optimizer, draws) -> Result:
     clock, device = _Clock(), torch.device(cfg.device)
     model = _new_model(stream, cfg, model_fn)
     buf = _storage(cfg, "derpp", kind, stream.num_classes)
     online = kind == "reservoir"
-    result = _result(stream, "derpp", cfg,
-                     {"alpha": alpha, "beta": beta, "buffer": kind, "step": f"autograd ({DerppStep.reason})"})
+    result = _result(stream, "derpp", cfg, {"alpha": alpha, "beta": beta, "buffer": kind, "optimizer": optimizer,
+                                            "draws": draws, "step": f"autograd ({DerppStep.reason})"})
+    opt = None
     for t, task in enumerate(stream):
         t0 = time.perf_counter()
         x, y, seen = task.x_train, task.y_train + stream.offsets[t], _seen(stream, t)
-        opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
+        opt = _optimizer(model, cfg, optimizer, opt)
         replay, step = _generator(cfg, "derpp", _REPLAY, t), None
         model.train()
         with backbone_mode(model, cfg):
@@ -485,9 +514,10 @@ def _derpp(stream, cfg, model_fn, alpha, beta, kind) -> Result:
                 b = len(idx)
                 xs, ys, target = [x[idx].float()], [y[idx]], None
                 if len(buf):
-                    j1, j2 = buf.sample(b, replay), buf.sample(b, replay)
-                    xs += [buf.x[j1].float(), buf.x[j2].float()]
-                    ys.append(buf.y[j2])
+                    j1 = buf.sample(b, replay)
+                    j2 = buf.sample(b, replay) if draws == 2 else None
+                    xs += [buf.x[j1].float()] + ([] if j2 is None else [buf.x[j2].float()])
+                    ys.append(buf.y[j1 if j2 is None else j2])
                     target = buf.logits[j1].to(device)
                 m = len(xs[1]) if target is not None else 0
                 xb, yb = torch.cat(xs).to(device), torch.cat(ys).to(device)
