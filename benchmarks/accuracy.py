@@ -47,6 +47,11 @@ VARIANTS = {
     "memory policy cap": dict(memory_policy="cap"),
     "CE + mixup 0.4, no distillation": dict(distill_coef=0.0, mixup="uniform", mixup_alpha=0.4),
     "K = 1": dict(n_experts=1),
+    "K = 2": dict(n_experts=2),
+    "distillation coef 2": dict(distill_coef=2.0),
+    "stability coef 2": dict(stability_coef=2.0),
+    "consolidation lr 0.005": dict(consolidation_lr=0.005),
+    "+ KD on stored logits, coef 0.5": dict(kd_coef=0.5),
 }
 # The baselines' storage choices, chosen on validation data like the paper preset's terms.
 BASELINE_VARIANTS = {f"{m} (buffer={b})": (m, {"buffer": b}) for m in ("er", "derpp") for b in ("task", "class", "reservoir")}

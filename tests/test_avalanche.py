@@ -58,6 +58,30 @@ def test_benchmark_carries_global_class_ranges(stream):
         av.benchmark_from_stream([stream[0]])
 
 
+def test_experience_rows_read_straight_from_tensors_or_item_by_item(stream, monkeypatch):
+    exp = av.benchmark_from_stream(stream).train_stream[1]
+    x, y = stream[1].x_train, stream[1].y_train + stream.offsets[1]
+
+    class Experience:
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+    order = [5, 3, 60, 0, 7]
+    views = {"plain": (exp.dataset, x, y),
+             "subset": (exp.dataset.subset(order), x[order], y[order]),
+             "transformed": (exp.dataset.replace_current_transform_group((lambda v: v * 2, None)), x * 2, y)}
+    for name, (ds, ex, ey) in views.items():
+        got = av._experience_tensors(Experience(ds))
+        assert torch.equal(got[0], ex) and torch.equal(got[1], ey), name
+    calls = []
+    real = torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **k: calls.append(1) or real(*a, **k))
+    av._experience_tensors(Experience(views["subset"][0]))
+    assert not calls  # a plain view of tensors is read without the item-by-item loader
+    av._experience_tensors(Experience(views["transformed"][0]))
+    assert calls
+
+
 @pytest.mark.parametrize("name", av.STRATEGIES)
 def test_avalanche_strategies_run_on_a_stream(stream, name):
     cfg = BMCConfig(**CFG)

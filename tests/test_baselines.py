@@ -277,7 +277,7 @@ def test_derpp_stores_each_samples_logits_once_and_replays_them(three, monkeypat
     with torch.no_grad():
         now = last[-1](buf.x[:len(buf)].float())[0]
     assert (now - buf.logits).abs().amax(1).min() > 1e-4
-    assert res.method == "derpp" and res.config["baseline"]["alpha"] == 0.1
+    assert res.method == "derpp" and res.config["baseline"]["alpha"] == 0.3 and res.config["baseline"]["beta"] == 1.0
 
 
 # -- LwF ------------------------------------------------------------------------------------------

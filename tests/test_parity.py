@@ -375,7 +375,8 @@ def test_mixup_options_are_checked():
 
 PARITY = dict(n_experts=1, schedule="public", memory_policy="keep", public_buffer_count=True, stability_coef=0.0,
               distill_coef=0.0, kd_coef=0.0, mixup="uniform", mixup_alpha=0.4, consolidation_sampler="weighted",
-              consolidation_ce="span", val_fraction=0.2, val_split="public", lr_patience=10, full_head=True)
+              consolidation_ce="span", val_fraction=0.2, val_split="public", lr_patience=10, full_head=True,
+              consolidation_lr=0.01)
 
 
 def test_parity_preset_fields_and_docstring():

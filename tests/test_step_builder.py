@@ -1,11 +1,17 @@
-"""The step builder: one decision (fused or autograd, with its reason), one loss description."""
+"""The step builder: one decision (fused or autograd, with its reason), one loss description, and
+the run's fast paths (FastPaths) that every phase asks."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 import bmc_fast
 from bmc_fast import BMCConfig
-from bmc_fast.train.step import AutogradStep, LossSpec, adamw, build_step
+from bmc_fast.data import demo_stream
+from bmc_fast.optim import AdamW
+from bmc_fast.train import baselines
+from bmc_fast.train.step import AutogradStep, FastPaths, LossSpec, adamw, backbone_mode, build_step, loss_ops
 
 
 def _model(c=6):
@@ -110,9 +116,64 @@ def test_mixup_with_stored_targets_is_refused():
 
 
 def test_kd_makes_the_buffers_keep_the_logits():
-    from bmc_fast.data import demo_stream
     from bmc_fast.train.experts import train_experts
 
     cfg = BMCConfig(n_experts=2, epochs=1, kd_coef=1.0, progress=False)
     arts = train_experts(bmc_fast.ResMLP(64, 10), demo_stream(), [0, 1], cfg, step_index=0)
     assert all(a.buffer.logits is not None and a.buffer.logits.shape[1] == 2 for a in arts)
+
+
+# -- the run's fast paths ------------------------------------------------------------------------
+
+OPTIONS = list(itertools.product(("fused", "reference"), (True, False), (True, False), (True, False)))
+
+
+def _config_reason(losses, fused_backbone, fused_optimizer, fused_step):
+    """The reason the options alone give for the autograd step, in the order the trainer reports them."""
+    for off, why in ((not fused_step, "BMCConfig.fused_step is off"),
+                     (losses != "fused", "BMCConfig.losses is 'reference'"),
+                     (not fused_backbone, "BMCConfig.fused_backbone is off"),
+                     (not fused_optimizer, "BMCConfig.fused_optimizer is off")):
+        if off:
+            return why
+    return None
+
+
+@pytest.mark.parametrize("losses, fused_backbone, fused_optimizer, fused_step", OPTIONS)
+def test_fast_paths_resolve_every_combination_of_the_options(losses, fused_backbone, fused_optimizer, fused_step):
+    cfg = BMCConfig(losses=losses, fused_backbone=fused_backbone, fused_optimizer=fused_optimizer,
+                    fused_step=fused_step, progress=False)
+    paths = FastPaths.of(cfg)
+    assert paths == FastPaths(losses, fused_backbone, fused_optimizer, fused_step)
+    assert paths.ops is (bmc_fast.reference if losses == "reference" else bmc_fast) and loss_ops(cfg) is paths.ops
+    m = _model()
+    opt = paths.adamw(m.parameters(), 1e-2, 0.0)
+    assert type(opt) is (AdamW if fused_optimizer else torch.optim.AdamW)
+    assert type(opt) is type(adamw(m.parameters(), 1e-2, 0.0, fused=fused_optimizer))
+    assert paths.fused_model(m) is fused_backbone
+    plain = bmc_fast.ResMLP(12, 6, hidden=8, width=16, fused=False)
+    for mode in (paths.backbone_mode, lambda model: backbone_mode(model, cfg)):
+        with mode(m), mode(plain):
+            assert m.fused is fused_backbone and plain.fused is False
+        assert m.fused is True and plain.fused is False
+    why = _config_reason(losses, fused_backbone, fused_optimizer, fused_step)
+    x = torch.randn(16, 12)
+    for step in (paths.build_step(m, opt, SPEC, x), build_step(m, opt, SPEC, cfg, x)):
+        assert (step.kind, step.reason) == (("fused", None) if why is None else ("autograd", why))
+        if why is not None:
+            assert step.ops is paths.ops
+    assert paths.step_reason(SPEC) == why
+    derpp_step = baselines.DerppStep(m, opt, cfg, x, 0.1, 0.5)
+    assert derpp_step.ops is paths.ops
+
+
+def test_the_autograd_forward_is_the_fused_one_where_it_applies():
+    m, x = _model(), torch.randn(16, 12)
+    fused = FastPaths().train_forward(m, x)(x, [5, 6])[0]  # its dropout masks are keyed by the seeds
+    want = bmc_fast.backbone.resmlp_train_forward(m, bmc_fast.backbone.fused_args(m), x, [5, 6])[0]
+    torch.testing.assert_close(fused, want, rtol=0, atol=0)
+    torch.manual_seed(3)
+    plain = FastPaths(fused_backbone=False).train_forward(m, x)(x, [5, 6])[0]  # the module's, on torch's generator
+    torch.manual_seed(3)
+    torch.testing.assert_close(plain, m(x)[0], rtol=0, atol=0)
+    assert not torch.equal(plain, fused)

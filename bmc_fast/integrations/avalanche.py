@@ -180,8 +180,46 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, LogitsModel) else model
 
 
+def _no_transform(groups) -> bool:
+    """Whether Avalanche transform groups change nothing in their current group."""
+    if groups is None:
+        return True
+    t = groups.transform_groups.get(groups.current_group)
+    return t is None or (type(t).__name__ == "TupleTransform" and all(f is None for f in t.transforms))
+
+
+def _plain_rows(data, rows: torch.Tensor | None):
+    """(x, y) of ``rows`` (None: all, not copied) of an Avalanche dataset layer read straight
+    from the tensors under it, or None where a layer transforms, concatenates or is not made of
+    tensors (the caller then reads item by item)."""
+    if isinstance(data, torch.utils.data.TensorDataset):
+        t = data.tensors
+        if len(t) < 2:
+            return None
+        return (t[0], t[1]) if rows is None else (t[0][rows], t[1][rows])
+    flat = getattr(data, "_flat_data", data)
+    inner = getattr(flat, "_datasets", None)
+    if inner is None or len(inner) != 1 or not (_no_transform(getattr(flat, "_transform_groups", None))
+                                                and _no_transform(getattr(flat, "_frozen_transform_groups", None))):
+        return None
+    indices = getattr(flat, "_indices", None)
+    if indices is not None:
+        indices = torch.as_tensor(list(indices), dtype=torch.long)
+        rows = indices if rows is None else indices[rows]
+    return _plain_rows(inner[0], rows)
+
+
 def _experience_tensors(experience) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (x, y) of an experience's dataset, in its order."""
+    """All (x, y) of an experience's dataset, in its order: straight from its tensors where the
+    dataset is a plain view of them (a benchmark made from tensors, with no transform), else
+    item by item through a DataLoader."""
+    ds = experience.dataset
+    try:
+        fast = _plain_rows(ds, None)
+    except (AttributeError, TypeError, IndexError):
+        fast = None
+    if fast is not None and fast[0].shape[0] == len(ds):
+        return fast[0], torch.as_tensor(fast[1]).long()
     loader = torch.utils.data.DataLoader(experience.dataset, batch_size=4096, shuffle=False)
     xs, ys = [], []
     for batch in loader:

@@ -38,7 +38,7 @@ class BMCConfig:
                                       # buffer to ceil(memory_size / J) + 1; "cap": every buffer cut to its quota first
     schedule: str = "groups"          # "groups": consecutive groups of K; "public": the public code's trigger
     consolidation_epochs: int = 100
-    consolidation_lr: float = 0.01
+    consolidation_lr: float = 0.005   # chosen on the suite's validation splits (docs/design.md)
     consolidation_batch_size: int = 64
     mixup_alpha: float = 0.0
     mixup: str = "beta"               # mixing weight ~ "beta": Beta(alpha, alpha); "uniform": U(1 - alpha, 1)
@@ -143,6 +143,7 @@ class BMCConfig:
         * ``full_head=True``: class-IL argmax over the whole head, unseen tasks' classes included.
         * ``backbone_inner=128``: the ResMLP's residual blocks are 128 wide inside (fc1 to 128,
           fc2 back to 256), as the public code's; they train through the plain modules.
+        * ``consolidation_lr=0.01``: the public code's learning rate on the memory (``paper``: 0.005).
 
         It also pins ``memory_policy="keep"`` (new buffers in full + kept memory, then
         ceil(memory_size / J) + 1 each), the public code's policy and the ``paper`` default.
@@ -153,7 +154,8 @@ class BMCConfig:
             base = dict(n_experts=1, schedule="public", memory_policy="keep", public_buffer_count=True,
                         stability_coef=0.0, distill_coef=0.0, kd_coef=0.0, mixup="uniform", mixup_alpha=0.4,
                         consolidation_sampler="weighted", consolidation_ce="span", val_fraction=0.2,
-                        val_split="public", lr_patience=10, full_head=True, backbone_inner=128)
+                        val_split="public", lr_patience=10, full_head=True, backbone_inner=128,
+                        consolidation_lr=0.01)
         else:
             raise ValueError(f"preset must be 'paper' or 'parity', got {name!r}")
         return cls(**{**base, **overrides, "preset_name": name})

@@ -13,7 +13,7 @@ from torch import nn
 from ..backbone import ResMLP
 from . import seeding
 from .memory import Memory
-from .step import AutogradStep, LossSpec, adamw, backbone_mode, build_step, describe, loss_ops
+from .step import AutogradStep, FastPaths, LossSpec, describe
 
 __all__ = ["consolidate", "consolidation_loss"]
 
@@ -86,7 +86,8 @@ def _consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, seen: 
                                      if cfg.val_fraction > 0 else (memory, None, None))
     weighted = cfg.consolidation_sampler == "weighted"
     batches = train_mem.weighted_indices if weighted else train_mem.balanced_indices
-    opt = adamw(model.parameters(), cfg.consolidation_lr, cfg.weight_decay, fused=cfg.fused_optimizer)
+    paths = FastPaths.of(cfg)
+    opt = paths.adamw(model.parameters(), cfg.consolidation_lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=cfg.lr_patience) if val_mem is not None else None
     spec = consolidation_loss(cfg, memory)
     mixgen = np.random.default_rng(seeding.derive(cfg.seed, "mixup", step_index)) if spec.mixup_alpha > 0 else None
@@ -96,14 +97,14 @@ def _consolidate(model: nn.Module, memory: Memory, cfg, num_classes: int, seen: 
     total_steps = cfg.consolidation_epochs * per_epoch
     bar = _progress(cfg, total_steps, "consolidation")
     step, n = None, 0
-    with backbone_mode(model, cfg):
+    with paths.backbone_mode(model):
         for epoch in range(cfg.consolidation_epochs):
             model.train()
             for idx in batches(cfg.consolidation_batch_size, gen):
                 raw = train_mem.batch(idx, num_classes, device)
                 x, b = raw["x"], _step_batch(raw, cfg.consolidation_ce, seen)
                 if step is None:
-                    step = build_step(model, opt, spec, cfg, x, mixup_generator=mixgen)
+                    step = paths.build_step(model, opt, spec, x, mixup_generator=mixgen)
                     if log:
                         log({"event": "consolidation_step", "step": step_index, "kind": describe(step)})
                 step(x, b, seeding.dropout_seeds(cfg.seed, "consolidation_dropout", step_index, n))
@@ -138,7 +139,7 @@ def _validation_loss(model, val_mem: Memory, spec: LossSpec, cfg, num_classes: i
     model.eval()
     device = torch.device(cfg.device)
     evaluator = AutogradStep(lambda x, seeds=None, first_model=0: model(x), None, spec.replace(mixup_alpha=0.0),
-                             loss_ops(cfg), "validation")
+                             FastPaths.of(cfg).ops, "validation")
     span = cfg.consolidation_ce == "span"  # otherwise one pass over it all, where order does not matter
     size = cfg.consolidation_batch_size if span else len(val_mem)
     losses = []

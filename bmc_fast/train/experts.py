@@ -34,7 +34,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from ..backbone import ResMLP, fused_args, fused_path_available, inference_rows
 from . import seeding
 from .memory import Buffer, buffer_count
-from .step import LossSpec, adamw, build_step, describe
+from .step import FastPaths, LossSpec, describe
 
 __all__ = ["ExpertArtifact", "train_experts", "expert_steps", "flat_params", "expert_batches", "resolve_parallel"]
 
@@ -77,8 +77,9 @@ def expert_steps(n: int, batch_size: int, epochs: int) -> int:
 
 @dataclass
 class _Phase:
-    """What the expert loops share: the step's tasks, batches, loss and randomness."""
+    """What the expert loops share: the step's tasks, batches, loss, fast paths and randomness."""
     cfg: object
+    paths: FastPaths
     task_ids: list
     steps: int                 # the longest expert's steps
     ends: list                 # every expert's own steps
@@ -174,7 +175,7 @@ def train_experts(base: nn.Module, stream, task_ids: list[int], cfg, step_index:
             return frozen(xb.reshape((-1,) + xb.shape[2:]))[1].view(xb.shape[0], xb.shape[1], -1)
 
     head_len = torch.tensor([n for _, n in ranges], device=device)
-    phase = _Phase(cfg, list(task_ids), steps, ends, step_index, batch, base_features,
+    phase = _Phase(cfg, FastPaths.of(cfg), list(task_ids), steps, ends, step_index, batch, base_features,
                    torch.tensor(label_offsets, device=device), head_len, loss,
                    flat_params(frozen).detach() if stab and cfg.stability == "weight" else None, progress)
     experts, losses, step = (_train_stacked if mode == "stacked" else _train_each)(members, phase, mode)
@@ -229,7 +230,7 @@ class _StackRun:
         self.ph, self.a, self.b, self.kk = ph, a, b, b - a
         self.params = {n: p[a:b].clone().requires_grad_(True) for n, p in params.items()}
         self.buffers = {n: t[a:b].clone() for n, t in buffers.items()}
-        self.opt = adamw(self.params.values(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer)
+        self.opt = ph.paths.adamw(self.params.values(), cfg.lr, cfg.weight_decay)
         if count:  # the moments and step count the experts' AdamW reached in earlier segments
             on_device = bool(self.opt.defaults.get("fused") or self.opt.defaults.get("capturable"))
             for n, p in self.params.items():
@@ -245,9 +246,9 @@ class _StackRun:
             def forward(x, seeds=None, first_model=0):
                 return batched(self.params, self.buffers, x)
         kk = self.kk
-        self.step = build_step(skeleton, self.opt, ph.loss, cfg, ph.batch(count, a, b)[0], stacked=True, lists=lists,
-                               forward=forward, base_flat=ph.base_flat,
-                               params_flat=lambda: torch.cat([p.reshape(kk, -1) for p in self.params.values()], 1))
+        self.step = ph.paths.build_step(
+            skeleton, self.opt, ph.loss, ph.batch(count, a, b)[0], stacked=True, lists=lists, forward=forward,
+            base_flat=ph.base_flat, params_flat=lambda: torch.cat([p.reshape(kk, -1) for p in self.params.values()], 1))
         bsz = cfg.batch_size
         self.off_rows, self.ln_rows = ph.off[a:b].repeat_interleave(bsz), ph.ln[a:b].repeat_interleave(bsz)
         self.loss = torch.zeros(())
@@ -279,7 +280,7 @@ def _train_stacked(members: list, ph: _Phase, mode: str):
     stacks of consecutive experts (their state and AdamW moments carried over), so an expert
     trains the same as alone: its batches depend on its task and step only, and so do its dropout
     masks on the fused ResMLP (``vmap`` over other models draws them from torch's generator)."""
-    cfg, k = ph.cfg, len(ph.task_ids)
+    k = len(ph.task_ids)
     base = members[0]
     for m in members:
         m.train()
@@ -288,8 +289,7 @@ def _train_stacked(members: list, ph: _Phase, mode: str):
     buffers = {n: t.detach().clone() for n, t in buffers.items()}
     moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     skeleton = copy.deepcopy(base).to("meta").train()  # whatever mode the base was left in
-    fused = bool(ph.steps) and isinstance(base, ResMLP) and base.fused and cfg.fused_backbone and \
-        fused_path_available(base, ph.batch(0, 0, 1)[0][0])
+    fused = bool(ph.steps) and ph.paths.fused_model(base) and fused_path_available(base, ph.batch(0, 0, 1)[0][0])
     losses, step = [float("nan")] * k, None
     done, active = 0, [i for i in range(k) if ph.ends[i] > 0]
     while active:
@@ -322,12 +322,12 @@ def _train_each(members: list, ph: _Phase, mode: str):
     for m in members:
         m.train()
         if isinstance(m, ResMLP):
-            m.fused = m.fused and cfg.fused_backbone
-    opts = [adamw(m.parameters(), cfg.lr, cfg.weight_decay, fused=cfg.fused_optimizer) for m in members]
+            m.fused = ph.paths.fused_model(m)
+    opts = [ph.paths.adamw(m.parameters(), cfg.lr, cfg.weight_decay) for m in members]
     x0 = ph.batch(0)[0] if ph.steps else None
-    steps = [build_step(m, o, ph.loss, cfg, x0[i], base_flat=ph.base_flat,
-                        params_flat=lambda m=m: flat_params(m)[None]) for i, (m, o) in enumerate(zip(members, opts))
-             ] if ph.steps else []
+    steps = [ph.paths.build_step(m, o, ph.loss, x0[i], base_flat=ph.base_flat,
+                                 params_flat=lambda m=m: flat_params(m)[None])
+             for i, (m, o) in enumerate(zip(members, opts))] if ph.steps else []
     streams = [torch.cuda.Stream(device=device) for _ in range(k)] if mode == "streams" else None
     last = [torch.full((), float("nan"))] * k
     for s in range(ph.steps):

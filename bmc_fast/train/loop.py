@@ -23,6 +23,7 @@ from .consolidation import _progress, consolidate
 from .experts import ExpertArtifact, train_experts
 from .memory import Memory, keep_quota
 from .metrics import Result, evaluate_rows
+from .step import FastPaths
 
 __all__ = ["BMC", "ExpertRunner", "LocalExperts", "incremental_steps", "consolidates_after"]
 
@@ -103,7 +104,7 @@ class BMC:
             raise TypeError(f"config must be a BMCConfig, got {type(self.config).__name__}")
         self.config.validate()
         self.model_fn = model_fn or (lambda d, c: ResMLP(d, c, dropout=self.config.dropout,
-                                                          fused=self.config.fused_backbone,
+                                                          fused=FastPaths.of(self.config).fused_backbone,
                                                           inner=self.config.backbone_inner))
         self.model: nn.Module | None = None
         self.memory = Memory()

@@ -1,4 +1,4 @@
-"""One place that builds a training step: :func:`build_step`.
+"""One place that resolves a run's fast paths and builds its training steps: :class:`FastPaths`.
 
 A step trains a model (or K stacked models) on one batch with the loss a :class:`LossSpec`
 describes. Where the default ResMLP, bmc_fast's AdamW and the fused losses all apply on the CPU,
@@ -21,7 +21,7 @@ from ..backbone import (FusedTrainStep, ResMLP, fused_args, fused_path_available
 from ..optim import AdamW
 from . import threads
 
-__all__ = ["LossSpec", "build_step", "describe", "adamw", "loss_ops", "backbone_mode"]
+__all__ = ["FastPaths", "LossSpec", "build_step", "describe", "adamw", "loss_ops", "backbone_mode"]
 
 
 @dataclass(frozen=True)
@@ -67,16 +67,6 @@ class LossSpec:
         return dataclasses.replace(self, **changes)
 
 
-def loss_ops(cfg):
-    """The loss functions: bmc_fast's fused ones, or the pure-PyTorch references
-    (``losses="reference"``)."""
-    if cfg.losses == "reference":
-        from .. import reference
-        return reference
-    import bmc_fast
-    return bmc_fast
-
-
 def adamw(params, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW in one fused pass over all parameters: :class:`bmc_fast.optim.AdamW` (one kernel call
     per step) for float32/float64 CPU parameters, torch's fused AdamW elsewhere (CUDA).
@@ -93,18 +83,118 @@ def adamw(params, lr: float, weight_decay: float, fused: bool = True) -> torch.o
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-@contextlib.contextmanager
-def backbone_mode(model: nn.Module, cfg):
-    """Within the block, a :class:`ResMLP` runs its fused training path only if
-    ``cfg.fused_backbone`` (and the model's own ``fused``) allow it."""
-    if isinstance(model, ResMLP) and model.fused and not cfg.fused_backbone:
-        model.fused = False
-        try:
+@dataclass(frozen=True)
+class FastPaths:
+    """The fast paths of a run, resolved from its :class:`~bmc_fast.train.BMCConfig` by :meth:`of`:
+    the loss ops (:attr:`ops`), the AdamW (:meth:`adamw`), the backbone's training path
+    (:meth:`fused_model`, :meth:`backbone_mode`) and the step builder (:meth:`build_step`). The
+    experts, the consolidation and the baselines ask it instead of reading the options.
+
+    ``losses``: ``"fused"`` (bmc_fast's ops) or ``"reference"`` (:mod:`bmc_fast.reference`).
+    ``fused_backbone``: a fused :class:`ResMLP` trains through its fused kernels.
+    ``fused_optimizer``: :meth:`adamw` is the fused AdamW. ``fused_step``: a step may be the
+    one-call C++ step (where the three others are on and model, optimizer and loss allow it)."""
+
+    losses: str = "fused"
+    fused_backbone: bool = True
+    fused_optimizer: bool = True
+    fused_step: bool = True
+
+    @classmethod
+    def of(cls, cfg) -> "FastPaths":
+        """The fast paths ``cfg`` chooses (its options of the same names)."""
+        return cls(cfg.losses, cfg.fused_backbone, cfg.fused_optimizer, cfg.fused_step)
+
+    @property
+    def ops(self):
+        """The loss functions: bmc_fast's fused ones, or the pure-PyTorch references
+        (``losses="reference"``)."""
+        if self.losses == "reference":
+            from .. import reference
+            return reference
+        import bmc_fast
+        return bmc_fast
+
+    def adamw(self, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """:func:`adamw` over ``params``, fused if ``fused_optimizer``."""
+        return adamw(params, lr, weight_decay, fused=self.fused_optimizer)
+
+    def fused_model(self, model: nn.Module) -> bool:
+        """Whether ``model`` trains through the fused ResMLP kernels: a :class:`ResMLP` whose own
+        ``fused`` and ``fused_backbone`` are both on."""
+        return isinstance(model, ResMLP) and model.fused and self.fused_backbone
+
+    @contextlib.contextmanager
+    def backbone_mode(self, model: nn.Module):
+        """Within the block, a :class:`ResMLP` runs its fused training path only if
+        ``fused_backbone`` (and the model's own ``fused``) allow it."""
+        if isinstance(model, ResMLP) and model.fused and not self.fused_backbone:
+            model.fused = False
+            try:
+                yield
+            finally:
+                model.fused = True
+        else:
             yield
-        finally:
-            model.fused = True
-    else:
-        yield
+
+    def step_reason(self, loss: LossSpec) -> str | None:
+        """Why no step of ``loss`` can be the one-call step, whatever its model and optimizer
+        (None: one can)."""
+        if not self.fused_step:
+            return "BMCConfig.fused_step is off"
+        if self.losses != "fused":
+            return "BMCConfig.losses is 'reference'"
+        if not self.fused_backbone:
+            return "BMCConfig.fused_backbone is off"
+        if not self.fused_optimizer:
+            return "BMCConfig.fused_optimizer is off"
+        if loss.mixup_alpha > 0:
+            return "mixup runs through autograd"
+        if loss.stability_coef and loss.stability == "weight":
+            return "weight stability runs through autograd"
+        return None
+
+    def train_forward(self, model: nn.Module, x: torch.Tensor, lists: tuple | None = None):
+        """The forward ``(inp, seeds, first_model) -> (logits, features)`` of an autograd step of
+        ``model`` on inputs like ``x``: the fused ResMLP's seeded training forward over ``lists``
+        (default: the model's own tensors) where it applies, else ``model(inp)``."""
+        fused_model = self.fused_model(model)
+        if lists is None and fused_model:
+            lists = fused_args(model)
+        x0 = x if lists is None or lists[0][0].dim() == 2 else x[0]
+        if fused_model and lists is not None and fused_path_available(model, x0):
+            def forward(inp, seeds=None, first_model=0):
+                return resmlp_train_forward(model, lists, inp, seeds, first_model)
+        else:
+            def forward(inp, seeds=None, first_model=0):
+                return model(inp)
+        return forward
+
+    def build_step(self, model: nn.Module, optimizer, loss: LossSpec, x: torch.Tensor, *, stacked: bool = False,
+                   lists: tuple | None = None, forward=None, base_flat=None, params_flat=None, mixup_generator=None):
+        """The training step of ``model`` (a module, or the hyper-parameter skeleton of stacked
+        models whose tensors are ``lists``, see :func:`bmc_fast.backbone.fused_args`) with
+        ``optimizer`` and the loss ``loss``, for inputs like ``x``: the one-call step where it
+        applies, else the autograd step (``forward(x, seeds, first_model)`` overrides
+        :meth:`train_forward`, e.g. a ``vmap`` over stacked models; ``stacked``: ``x`` is
+        ``[K, B, ...]`` and the labels are the K batches' rows in order). ``base_flat`` and
+        ``params_flat()`` are the base's and the experts' flat parameters of weight stability.
+        ``step.kind`` is "fused" or "autograd"; ``step.reason`` says why the autograd step was
+        chosen (None for "fused")."""
+        if lists is None and forward is None and self.fused_model(model):
+            lists = fused_args(model)
+        reason = self.step_reason(loss)
+        if reason is None:
+            reason = unfused_reason(model, lists, optimizer, x) if lists is not None else \
+                f"the model is a {type(model).__name__}, not the fused ResMLP"
+        if reason is None:
+            step = FusedTrainStep.of(model, lists, optimizer, loss)
+            step.kind, step.reason, step.after = "fused", None, threads.tick
+            return step
+        if forward is None:
+            forward = self.train_forward(model, x, lists)
+        return AutogradStep(forward, optimizer, loss, self.ops, reason, stacked, base_flat, params_flat,
+                            mixup_generator)
 
 
 def _scaled(coef: float, t: torch.Tensor) -> torch.Tensor:
@@ -175,53 +265,22 @@ def _need(batch: dict, key: str) -> torch.Tensor:
     return t
 
 
+def loss_ops(cfg):
+    """The loss functions ``cfg`` chooses: :attr:`FastPaths.ops` of ``FastPaths.of(cfg)``."""
+    return FastPaths.of(cfg).ops
+
+
+def backbone_mode(model: nn.Module, cfg):
+    """:meth:`FastPaths.backbone_mode` of ``model`` with the fast paths ``cfg`` chooses."""
+    return FastPaths.of(cfg).backbone_mode(model)
+
+
 def build_step(model: nn.Module, optimizer, loss: LossSpec, cfg, x: torch.Tensor, *, stacked: bool = False,
                lists: tuple | None = None, forward=None, base_flat=None, params_flat=None, mixup_generator=None):
-    """The training step of ``model`` (a module, or the hyper-parameter skeleton of stacked
-    models whose tensors are ``lists``, see :func:`bmc_fast.backbone.fused_args`) with
-    ``optimizer`` and the loss ``loss``, for inputs like ``x``: the one-call step where it
-    applies, else the autograd step (``forward(x, seeds, first_model)`` overrides the model's
-    own forward, e.g. a ``vmap`` over stacked models; ``stacked``: ``x`` is ``[K, B, ...]`` and
-    the labels are the K batches' rows in order). ``base_flat`` and ``params_flat()`` are the
-    base's and the experts' flat parameters of weight stability. ``step.kind`` is "fused" or
-    "autograd"; ``step.reason`` says why the autograd step was chosen (None for "fused")."""
-    fused_model = isinstance(model, ResMLP) and model.fused and cfg.fused_backbone
-    if lists is None and forward is None and fused_model:
-        lists = fused_args(model)
-    reason = _config_reason(cfg, loss)
-    if reason is None:
-        reason = unfused_reason(model, lists, optimizer, x) if lists is not None else \
-            f"the model is a {type(model).__name__}, not the fused ResMLP"
-    if reason is None:
-        step = FusedTrainStep.of(model, lists, optimizer, loss)
-        step.kind, step.reason, step.after = "fused", None, threads.tick
-        return step
-    if forward is None:
-        x0 = x if lists is None or lists[0][0].dim() == 2 else x[0]
-        if fused_model and lists is not None and fused_path_available(model, x0):
-            def forward(inp, seeds=None, first_model=0):
-                return resmlp_train_forward(model, lists, inp, seeds, first_model)
-        else:
-            def forward(inp, seeds=None, first_model=0):
-                return model(inp)
-    return AutogradStep(forward, optimizer, loss, loss_ops(cfg), reason, stacked, base_flat, params_flat,
-                        mixup_generator)
-
-
-def _config_reason(cfg, loss: LossSpec) -> str | None:
-    if not cfg.fused_step:
-        return "BMCConfig.fused_step is off"
-    if cfg.losses != "fused":
-        return "BMCConfig.losses is 'reference'"
-    if not cfg.fused_backbone:
-        return "BMCConfig.fused_backbone is off"
-    if not cfg.fused_optimizer:
-        return "BMCConfig.fused_optimizer is off"
-    if loss.mixup_alpha > 0:
-        return "mixup runs through autograd"
-    if loss.stability_coef and loss.stability == "weight":
-        return "weight stability runs through autograd"
-    return None
+    """:meth:`FastPaths.build_step` with the fast paths ``cfg`` chooses."""
+    return FastPaths.of(cfg).build_step(model, optimizer, loss, x, stacked=stacked, lists=lists, forward=forward,
+                                        base_flat=base_flat, params_flat=params_flat,
+                                        mixup_generator=mixup_generator)
 
 
 def describe(step) -> str:
