@@ -50,17 +50,23 @@ VARIANTS = {
     "K = 2": dict(n_experts=2),
     "distillation coef 2": dict(distill_coef=2.0),
     "stability coef 2": dict(stability_coef=2.0),
-    "consolidation lr 0.005": dict(consolidation_lr=0.005),
+    "consolidation lr 0.01": dict(consolidation_lr=0.01),
     "+ KD on stored logits, coef 0.5": dict(kd_coef=0.5),
 }
-# The baselines' storage choices, chosen on validation data like the paper preset's terms.
-BASELINE_VARIANTS = {f"{m} (buffer={b})": (m, {"buffer": b}) for m in ("er", "derpp") for b in ("task", "class", "reservoir")}
-BASELINE_VARIANTS.update({f"{m} (optimizer=stream)": (m, {"optimizer": "stream"}) for m in ("er", "derpp")})
-BASELINE_VARIANTS.update({f"derpp (alpha={a}, beta={b}{o})": ("derpp", {"alpha": a, "beta": b, **opt})
-                          for a in (0.1, 0.3, 0.5) for b in (0.5, 1.0)
-                          for o, opt in (("", {}), (", optimizer=stream", {"optimizer": "stream"}))})
-BASELINE_VARIANTS.update({"derpp (draws=1)": ("derpp", {"draws": 1}),
-                          "derpp (draws=1, optimizer=stream)": ("derpp", {"draws": 1, "optimizer": "stream"})})
+# The baselines' choices, made on validation data like the paper preset's terms; every row names
+# all the options it sets (the defaults: er buffer="class", optimizer="stream"; derpp buffer="class",
+# optimizer="task", alpha 0.3, beta 1.0, draws 2).
+_OLD_DER = {"alpha": 0.1, "beta": 0.5}
+BASELINE_VARIANTS = {
+    **{f"er (buffer={b}, optimizer=task)": ("er", {"buffer": b, "optimizer": "task"}) for b in ("task", "class", "reservoir")},
+    "er (buffer=class, optimizer=stream)": ("er", {"buffer": "class", "optimizer": "stream"}),
+    **{f"derpp (buffer={b}, alpha=0.1, beta=0.5)": ("derpp", {"buffer": b, **_OLD_DER}) for b in ("task", "class", "reservoir")},
+    "derpp (alpha=0.1, beta=0.5, optimizer=stream)": ("derpp", {**_OLD_DER, "optimizer": "stream"}),
+    "derpp (alpha=0.1, beta=0.5, draws=1)": ("derpp", {**_OLD_DER, "draws": 1}),
+    "derpp (alpha=0.1, beta=0.5, draws=1, optimizer=stream)": ("derpp", {**_OLD_DER, "draws": 1, "optimizer": "stream"}),
+    **{f"derpp (alpha={a}, beta={b}{o})": ("derpp", {"alpha": a, "beta": b, **opt})
+       for a in (0.1, 0.3, 0.5) for b in (0.5, 1.0) for o, opt in (("", {}), (", optimizer=stream", {"optimizer": "stream"}))},
+}
 OURS = ("paper", "parity", "er", "derpp", "lwf", "gdumb", "finetune")
 # Avalanche's own strategies (bmc_fast.integrations.avalanche, the [avalanche] extra), as the rows name them.
 AVALANCHE = {f"avalanche {n}": n for n in ("naive", "replay", "der", "lwf", "gdumb")}

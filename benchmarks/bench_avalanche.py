@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     import shapes
 
     run = _rounds(args.rounds, shapes.QUICK)
-    run["avalanche"] = avalanche.__version__
+    run.update(avalanche=avalanche.__version__, torch=torch.__version__)
     print(f"{run['shape']}: BMC.fit {run['fit_s']:.2f} s, BMCStrategy {run['strategy_s']:.2f} s, "
           f"strategy speed / fit speed {run['speed_fraction']:.3f} (median of {run['rounds']} paired rounds)")
     if not (args.no_write or shapes.QUICK):

@@ -123,6 +123,7 @@ def test_bmc_strategy_trains_what_fit_trains(stream, k):
     else:
         strategy.train(bench.train_stream)  # the whole stream: steps of K
     assert _state_equal(strategy.model.module, bmc.model)  # bit for bit
+    assert all(t.x_train.shape[0] == 1 for _, _, t in strategy._tasks)  # no experience's data kept
     metrics = strategy.eval(bench.test_stream)
     accs = [metrics[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"] for j in range(len(stream))]
     np.testing.assert_allclose(accs, res.cil_matrix[-1], atol=1e-12)  # Avalanche's metric, our matrix

@@ -118,9 +118,9 @@ def test_accuracy_script_quick(tmp_path, capsys):
 def test_accuracy_script_baseline_variants_and_avalanche_errors(capsys):
     accuracy = _accuracy_module()
     assert accuracy.main(["select", "--quick", "--streams", "digits", "--seeds", "0", "--no-write",
-                          "--methods", "er (buffer=reservoir)", "derpp (draws=1)"]) == 0
+                          "--methods", "er (buffer=reservoir, optimizer=task)", "derpp (alpha=0.1, beta=0.5, draws=1)"]) == 0
     out = capsys.readouterr().out
-    assert "er (buffer=reservoir)" in out and "derpp (draws=1)" in out
+    assert "er (buffer=reservoir, optimizer=task)" in out and "derpp (alpha=0.1, beta=0.5, draws=1)" in out
     if accuracy.avalanche_available() is None:
         with pytest.raises(SystemExit) as exc:
             accuracy.main(["compare", "--quick", "--methods", "avalanche replay"])

@@ -176,10 +176,6 @@ def initial_model(config, input_dim: int, num_classes: int) -> nn.Module:
         return BMC(config).model_fn(input_dim, num_classes).to(config.device)
 
 
-def _inner(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, LogitsModel) else model
-
-
 def _no_transform(groups) -> bool:
     """Whether Avalanche transform groups change nothing in their current group."""
     if groups is None:
@@ -262,8 +258,8 @@ class BMCStrategy(SupervisedTemplate):
     (weights-only files); Avalanche's ``save_checkpoint`` pickles the whole strategy with dill,
     and loading that runs code."""
 
-    def __init__(self, *, model: nn.Module, config=None, eval_mb_size: int = 1024, device=None, plugins=None,
-                 evaluator=None, **base_kwargs):
+    def __init__(self, *, model: nn.Module, config=None, eval_mb_size: int = 1024, plugins=None, evaluator=None,
+                 **base_kwargs):
         from .. import BMCConfig
         from ..train.loop import BMC
 
@@ -273,10 +269,9 @@ class BMCStrategy(SupervisedTemplate):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module returning (logits, features), got {type(model).__name__}")
         wrapped = model if isinstance(model, LogitsModel) else LogitsModel(model)
-        device = config.device if device is None else device
         placeholder = torch.optim.SGD(wrapped.parameters(), lr=0.0)  # BMC makes its own AdamW optimizers
         super().__init__(model=wrapped, optimizer=placeholder, train_mb_size=config.batch_size,
-                         train_epochs=config.epochs, eval_mb_size=eval_mb_size, device=device,
+                         train_epochs=config.epochs, eval_mb_size=eval_mb_size, device=config.device,
                          plugins=plugins, evaluator=evaluator or _quiet_evaluator(), **base_kwargs)
         self.bmc = BMC(config)
         self.bmc.model = wrapped.module
@@ -287,20 +282,31 @@ class BMCStrategy(SupervisedTemplate):
     def config(self):
         return self.bmc.config
 
-    def _task(self, experience):
+    def _add_task(self, experience) -> None:
         from ..data import Task
 
-        offset = self._tasks[-1][1] + self._tasks[-1][2].num_classes if self._tasks else 0
-        offset, count = _classes(experience, offset, "BMCStrategy.train")
+        seen = self._tasks[-1][1] + self._tasks[-1][2].num_classes if self._tasks else 0
+        offset, count = _classes(experience, seen, "BMCStrategy.train")
         x, y = _experience_tensors(experience)
         name = f"experience-{experience.current_experience}"
         while any(t.name == name for _, _, t in self._tasks):
             name += "'"
-        return Task(name, x, y - offset, x[:0], y[:0], count)
+        self._tasks.append((experience.current_experience, offset, Task(name, x, y - offset, x[:0], y[:0], count)))
+
+    def _forget_data(self, shape) -> None:
+        """Keeps the tasks learned as their class ranges only (the memory holds what BMC keeps of
+        their samples): one-row placeholders hold the stream's offsets for the steps to come."""
+        from ..data import Task
+
+        one = torch.zeros((1,) + tuple(shape))
+        self._tasks = [(e, o, t if t.x_train.shape[0] == 1 else
+                        Task(t.name, one, torch.zeros(1, dtype=torch.long), one[:0], torch.zeros(0, dtype=torch.long),
+                             t.num_classes)) for e, o, t in self._tasks]
 
     def train(self, experiences, eval_streams=None, **kwargs):
         """Learns ``experiences`` (one, or a sequence) in steps of ``n_experts``; returns the
-        evaluator's last metrics."""
+        evaluator's last metrics. ``eval_streams`` is accepted as in Avalanche's strategies and
+        not used: BMC evaluates when :meth:`eval` is called."""
         from ..data import TaskStream
 
         group = [experiences] if hasattr(experiences, "dataset") else list(experiences)
@@ -313,9 +319,7 @@ class BMCStrategy(SupervisedTemplate):
             step = group[start:start + k]
             first = len(self._tasks)
             for experience in step:
-                task = self._task(experience)
-                offset = self._tasks[-1][1] + self._tasks[-1][2].num_classes if self._tasks else 0
-                self._tasks.append((experience.current_experience, offset, task))
+                self._add_task(experience)
             stream = TaskStream([t for _, _, t in self._tasks])
             for self.experience in step:
                 trigger_plugins(self, "before_training_exp", **kwargs)
@@ -324,6 +328,7 @@ class BMCStrategy(SupervisedTemplate):
             for key, v in times.items():
                 self.timings[key] = self.timings.get(key, 0.0) + v
             self.model.module = self.bmc.model
+            self._forget_data(stream[first].input_shape)
             for self.experience in step:
                 trigger_plugins(self, "after_training_exp", **kwargs)
         self._after_training(**kwargs)
@@ -365,8 +370,6 @@ class BMCStrategy(SupervisedTemplate):
         self.bmc.model.load_state_dict(state["model"])
         self.bmc.memory = Memory.from_state_dict(state["memory"])
         self.bmc._next_step = int(state["next_step"])
-        # The experiences seen live on as their class ranges (the memory holds their samples):
-        # one-row placeholders keep the stream's offsets for the steps to come.
         shape = tuple(self.bmc.memory.buffers[0].x.shape[1:]) if self.bmc.memory.buffers else (1,)
         one = torch.zeros((1,) + shape)
         self._tasks = [(e, o, Task(name, one, torch.zeros(1, dtype=torch.long), one[:0],
