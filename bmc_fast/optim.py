@@ -46,7 +46,11 @@ class AdamW(torch.optim.Optimizer):
         self._caches = {}
 
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
+        # torch's method under its dynamo-disabling wrapper, whose first call imports
+        # torch._dynamo (about a second of every process that builds an optimizer); the
+        # wrapper matters only while torch.compile traces, which never builds this optimizer.
+        add = torch.optim.Optimizer.add_param_group
+        getattr(add, "__wrapped__", add)(self, param_group)
         self._caches = {}
 
     def _cache(self, gi: int, params: list) -> _GroupCache | None:

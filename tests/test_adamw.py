@@ -223,3 +223,29 @@ def test_trainer_picks_the_fused_optimizer_where_it_runs():
     assert type(adamw(cpu, 1e-3, 0.0, fused=False)) is torch.optim.AdamW  # the plain script's optimizer
     half = [torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)]
     assert type(adamw(half, 1e-3, 0.0)) is torch.optim.AdamW  # torch's (fused where it can) for other dtypes
+
+
+def test_building_the_optimizer_and_a_fused_run_never_import_dynamo():
+    """torch's add_param_group sits under a wrapper whose first call imports torch._dynamo (about a
+    second of every process); bmc_fast's AdamW and a whole BMC.fit on the fused path do without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, bmc_fast\n"
+            "from bmc_fast import BMC, BMCConfig\n"
+            "from bmc_fast.data import demo_stream\n"
+            "from bmc_fast.optim import AdamW\n"
+            "opt = AdamW([torch.zeros(3, requires_grad=True)], lr=0.1)\n"
+            "opt.add_param_group({'params': [torch.zeros(2, requires_grad=True)], 'lr': 0.2})\n"
+            "assert [g['lr'] for g in opt.param_groups] == [0.1, 0.2] and opt.param_groups[1]['eps'] == 1e-8\n"
+            "try:\n"
+            "    opt.add_param_group({'params': opt.param_groups[0]['params']})\n"
+            "    raise SystemExit('a parameter in two groups was accepted')\n"
+            "except ValueError:\n"
+            "    pass\n"
+            "stream = type(demo_stream())(list(demo_stream())[:2])\n"
+            "BMC(BMCConfig(n_experts=2, epochs=1, consolidation_epochs=1, progress=False, threads=1)).fit(stream)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "False"
