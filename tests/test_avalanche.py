@@ -163,6 +163,48 @@ def test_bmc_strategy_refuses_streams_it_cannot_learn(stream):
         av.BMCStrategy(model=ResMLP(stream.input_dim, 3), config={"epochs": 1})
 
 
+def test_bmc_strategy_on_a_benchmark_whose_class_ids_avalanche_remaps(stream):
+    from avalanche.benchmarks import nc_benchmark
+    from torch.utils.data import TensorDataset
+
+    x = torch.cat([t.x_train for t in stream][:2])
+    y = torch.cat([t.y_train + o for t, o in zip(stream, stream.offsets)][:2])  # classes 0-4
+    xt = torch.cat([t.x_test for t in stream][:2])
+    yt = torch.cat([t.y_test + o for t, o in zip(stream, stream.offsets)][:2])
+    bench = nc_benchmark(TensorDataset(x, y), TensorDataset(xt, yt), n_experiences=2, task_labels=False,
+                         fixed_class_order=[3, 1, 4, 0, 2], per_exp_classes={0: 2},
+                         class_ids_from_zero_from_first_exp=True)
+    for e in bench.train_stream:  # the labels as the benchmark serves them, not the tensors' own
+        xs, ys = av._experience_tensors(e)
+        loader = torch.utils.data.DataLoader(e.dataset, batch_size=1000)
+        lx, ly = [torch.cat(v) for v in zip(*[(b[0], b[1]) for b in loader])]
+        assert torch.equal(xs, lx) and torch.equal(ys, ly)
+    cfg = BMCConfig(**CFG, n_experts=2)
+    strategy = av.BMCStrategy(model=ResMLP(stream.input_dim, 5), config=cfg, evaluator=_accuracy_evaluator())
+    strategy.train(bench.train_stream)
+    acc = strategy.eval(bench.test_stream)["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert acc > 0.5  # the data are separable clusters: right labels learn them
+
+
+def test_bmc_strategy_refuses_a_group_before_changing_anything(stream):
+    bench = av.benchmark_from_stream(stream)
+    cfg = BMCConfig(**CFG, n_experts=2)
+    strategy = av.BMCStrategy(model=av.initial_model(cfg, stream.input_dim, stream.num_classes), config=cfg)
+    before = copy.deepcopy(strategy.model.module.state_dict())
+    with pytest.raises(ValueError, match="not the next contiguous range"):
+        strategy.train([bench.train_stream[0], bench.train_stream[2]])
+    assert not strategy.is_training and not strategy._tasks
+    assert all(torch.equal(v, before[k]) for k, v in strategy.model.module.state_dict().items())
+    strategy.train(bench.train_stream[:2])  # the right group still trains
+    with pytest.raises(ValueError, match="experience 1 was already learned"):
+        strategy.train(bench.train_stream[1])
+    with pytest.raises(TypeError, match="takes no 'optimizer'"):
+        av.BMCStrategy(model=ResMLP(stream.input_dim, 9), config=cfg, optimizer=torch.optim.SGD([torch.zeros(1)], 0.1))
+    logits_only = torch.nn.Sequential(torch.nn.Linear(stream.input_dim, 9))
+    with pytest.raises(ValueError, match=r"must return \(logits \[N, C\], features \[N, D\]\), got Tensor"):
+        av.BMCStrategy(model=logits_only, config=cfg).train(bench.train_stream[0])
+
+
 # -- the loss plugins ---------------------------------------------------------------------------------
 
 class _Loss(av.SupervisedPlugin):
@@ -263,6 +305,15 @@ def test_batched_distillation_plugin_keeps_features_and_adds_the_loss(stream):
     torch.testing.assert_close(s.loss, 1.5 * ref)
     with pytest.raises(ValueError, match="batch_size_mem"):
         av.BatchedDistillationPlugin(batch_size_mem=0)
+
+
+def test_distillation_before_stability_keeps_the_minibatch_features(stream):
+    bench = av.benchmark_from_stream(stream)
+    rec = _Loss()
+    strategy = _naive(stream, [av.BatchedDistillationPlugin(mem_size=40, batch_size_mem=16), av.StabilityPlugin(), rec])
+    for e in bench.train_stream[:3]:  # 70 rows a task: a short last batch of 6
+        strategy.train(e)
+    assert rec.batches and all(np.isfinite(v) for v in rec.pre)
 
 
 def test_task_masked_cross_entropy_criterion(stream):

@@ -206,16 +206,19 @@ def _plain_rows(data, rows: torch.Tensor | None):
 
 
 def _experience_tensors(experience) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (x, y) of an experience's dataset, in its order: straight from its tensors where the
-    dataset is a plain view of them (a benchmark made from tensors, with no transform), else
-    item by item through a DataLoader."""
+    """All (x, y) of an experience's dataset, in its order, as the dataset serves them. The
+    inputs straight from its tensors where the dataset is a plain view of them (a benchmark made
+    from tensors, with no transform) and the labels from its ``targets`` (the class ids as the
+    benchmark serves them: ``class_ids_from_zero_from_first_exp`` remaps them above the tensors);
+    else both item by item through a DataLoader."""
     ds = experience.dataset
     try:
         fast = _plain_rows(ds, None)
-    except (AttributeError, TypeError, IndexError):
-        fast = None
-    if fast is not None and fast[0].shape[0] == len(ds):
-        return fast[0], torch.as_tensor(fast[1]).long()
+        targets = torch.as_tensor(list(ds.targets), dtype=torch.long) if fast is not None else None
+    except (AttributeError, TypeError, IndexError, ValueError):
+        fast = targets = None
+    if fast is not None and fast[0].shape[0] == len(ds) and targets.shape == (len(ds),):
+        return fast[0], targets
     loader = torch.utils.data.DataLoader(experience.dataset, batch_size=4096, shuffle=False)
     xs, ys = [], []
     for batch in loader:
@@ -254,7 +257,11 @@ class BMCStrategy(SupervisedTemplate):
     the next contiguous range (a clear error otherwise). ``eval(stream)``, ``plugins``,
     ``evaluator`` (metrics and loggers) work as in every Avalanche strategy; training fires
     ``before/after_training`` and ``before/after_training_exp`` (no iteration or epoch
-    callbacks: the steps run inside the trainer). Checkpoints: :meth:`save` / :meth:`load`
+    callbacks: the steps run inside the trainer, so training-phase metrics such as
+    ``accuracy_metrics(epoch=True)`` stay empty; evaluation metrics are complete). An
+    experience that cannot be learned (classes out of order, one already learned, a head too
+    small, a model not returning ``(logits, features)``) is refused with a one-line error before
+    anything changes. Checkpoints: :meth:`save` / :meth:`load`
     (weights-only files); Avalanche's ``save_checkpoint`` pickles the whole strategy with dill,
     and loading that runs code."""
 
@@ -263,6 +270,12 @@ class BMCStrategy(SupervisedTemplate):
         from .. import BMCConfig
         from ..train.loop import BMC
 
+        taken = {"optimizer": "BMC builds its own AdamW optimizers (BMCConfig.lr, weight_decay)",
+                 "criterion": "BMC's losses are set by BMCConfig", "train_epochs": "set BMCConfig.epochs",
+                 "train_mb_size": "set BMCConfig.batch_size", "device": "set BMCConfig.device"}
+        for key in base_kwargs:
+            if key in taken:
+                raise TypeError(f"BMCStrategy takes no {key!r}: {taken[key]}")
         config = BMCConfig.preset("paper") if config is None else config
         if not isinstance(config, BMCConfig):
             raise TypeError(f"config must be a bmc_fast.BMCConfig, got {type(config).__name__}")
@@ -281,6 +294,35 @@ class BMCStrategy(SupervisedTemplate):
     @property
     def config(self):
         return self.bmc.config
+
+    def _check_group(self, group: list) -> None:
+        """One-line errors for experiences this strategy cannot learn, before anything changes."""
+        seen = self._tasks[-1][1] + self._tasks[-1][2].num_classes if self._tasks else 0
+        done = {e for e, _, _ in self._tasks}
+        for experience in group:
+            if not hasattr(experience, "dataset") or not hasattr(experience, "classes_in_this_experience"):
+                raise TypeError(f"BMCStrategy.train takes Avalanche experiences (with a dataset and "
+                                f"classes_in_this_experience), got {type(experience).__name__}")
+            if experience.current_experience in done:
+                raise ValueError(f"BMCStrategy.train: experience {experience.current_experience} was already "
+                                 "learned; experiences come once each, in order")
+            seen += _classes(experience, seen, "BMCStrategy.train")[1]
+            done.add(experience.current_experience)
+        ds = group[0].dataset
+        x = torch.stack([torch.as_tensor(ds[i][0]) for i in range(min(2, len(ds)))]).float().to(self.config.device)
+        model = self.bmc.model
+        was = model.training
+        with torch.no_grad():
+            out = model.eval()(x)
+        model.train(was)
+        if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(o, torch.Tensor) for o in out)
+                and out[0].dim() == 2 and out[0].shape[0] == len(x)):
+            got = type(out).__name__ if not isinstance(out, tuple) else f"a tuple of {len(out)}"
+            raise ValueError(f"BMCStrategy: the model must return (logits [N, C], features [N, D]), got {got}")
+        if out[0].shape[1] < seen:
+            raise ValueError(f"BMCStrategy: the model's head has {out[0].shape[1]} classes, the experiences so far "
+                             f"{seen}: build the model for every class of the benchmark")
+        self._head = out[0].shape[1]
 
     def _add_task(self, experience) -> None:
         from ..data import Task
@@ -312,40 +354,31 @@ class BMCStrategy(SupervisedTemplate):
         group = [experiences] if hasattr(experiences, "dataset") else list(experiences)
         if not group:
             raise ValueError("BMCStrategy.train: no experience to train on")
+        self._check_group(group)
         self.is_training = True
-        self._before_training(**kwargs)
-        k = self.config.n_experts
-        for start in range(0, len(group), k):
-            step = group[start:start + k]
-            first = len(self._tasks)
-            for experience in step:
-                self._add_task(experience)
-            stream = TaskStream([t for _, _, t in self._tasks])
-            for self.experience in step:
-                trigger_plugins(self, "before_training_exp", **kwargs)
-            head = self._head_width(stream)
-            times = self.bmc.fit_step(stream, list(range(first, len(self._tasks))), num_classes=head)
-            for key, v in times.items():
-                self.timings[key] = self.timings.get(key, 0.0) + v
-            self.model.module = self.bmc.model
-            self._forget_data(stream[first].input_shape)
-            for self.experience in step:
-                trigger_plugins(self, "after_training_exp", **kwargs)
-        self._after_training(**kwargs)
-        self._train_cleanup()
-        self.is_training = False
+        try:
+            self._before_training(**kwargs)
+            k = self.config.n_experts
+            for start in range(0, len(group), k):
+                step = group[start:start + k]
+                first = len(self._tasks)
+                for experience in step:
+                    self._add_task(experience)
+                stream = TaskStream([t for _, _, t in self._tasks])
+                for self.experience in step:
+                    trigger_plugins(self, "before_training_exp", **kwargs)
+                times = self.bmc.fit_step(stream, list(range(first, len(self._tasks))), num_classes=self._head)
+                for key, v in times.items():
+                    self.timings[key] = self.timings.get(key, 0.0) + v
+                self.model.module = self.bmc.model
+                self._forget_data(stream[first].input_shape)
+                for self.experience in step:
+                    trigger_plugins(self, "after_training_exp", **kwargs)
+            self._after_training(**kwargs)
+        finally:
+            self._train_cleanup()
+            self.is_training = False
         return self.evaluator.get_last_metrics()
-
-    def _head_width(self, stream) -> int:
-        model = self.bmc.model
-        was = model.training
-        with torch.no_grad():
-            width = model.eval()(stream[0].x_train[:2].float().to(self.config.device))[0].shape[1]
-        model.train(was)
-        if width < stream.num_classes:
-            raise ValueError(f"BMCStrategy: the model's head has {width} classes, the experiences so far "
-                             f"{stream.num_classes}: build the model for every class of the benchmark")
-        return width
 
     def save(self, path: str) -> None:
         """Writes the model, memory and the place in the stream, atomically, to a weights-only
@@ -464,8 +497,10 @@ class BatchedDistillationPlugin(SupervisedPlugin):
         j = self.buffer.sample(n, self.generator)
         device = strategy.device
         x, ids, target = self.buffer.x[j].float().to(device), self.buffer.y[j].to(device), self.buffer.logits[j]
+        batch_features = _features(strategy)
         strategy.model(x)
         feats = _features(strategy)
+        strategy.model.features = batch_features  # the minibatch's, for the plugins after this one
         loss = bmc_fast.batched_distillation_loss(feats, target.to(device, feats.dtype), ids, self._experiences)
         strategy.loss = strategy.loss + self.coef * loss
 
@@ -488,7 +523,8 @@ class BatchedDistillationPlugin(SupervisedPlugin):
 class TaskMaskedCrossEntropy(SupervisedPlugin):
     """bmc_fast's fused ``task_masked_cross_entropy`` as an Avalanche criterion (pass it as the
     strategy's ``criterion``; it is a plugin too, and follows the experiences). ``classes="seen"``:
-    the CE over every class met so far in training (class-incremental, the default); ``"task"``:
+    the CE over the classes ``[0, highest class id met in training + 1)`` (class-incremental, the
+    default; with class ids in order of appearance, exactly the classes met); ``"task"``:
     over the range of the experience each row's label belongs to (experiences must carry
     contiguous class ranges). Labels are the benchmark's global class ids."""
 
