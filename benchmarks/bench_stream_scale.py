@@ -7,6 +7,7 @@ anonymous and file-backed memory of the run, sampled from /proc. Each T runs in 
     python benchmarks/bench_stream_scale.py                  # T = 8 16 32 71, 1 + 1 epochs
     python benchmarks/bench_stream_scale.py --tasks 8 16     # some sizes
     python benchmarks/bench_stream_scale.py --full           # the paper's epochs (20 + 100), T = 71: long
+    python benchmarks/bench_stream_scale.py --policy keep    # the default memory policy (default here: cap)
 
 Under pytest (``make bench-quick``) a tiny stream checks that the script works.
 """
@@ -84,8 +85,10 @@ class _Peaks:
         self._sample()
 
 
-def run_one(folder: str, n_tasks: int, epochs: int, consolidation_epochs: int, threads: int) -> dict:
-    """BMC (K = 8, memory 10,000) on the first ``n_tasks`` tasks of ``folder``, in this process."""
+def run_one(folder: str, n_tasks: int, epochs: int, consolidation_epochs: int, threads: int,
+            policy: str = "cap") -> dict:
+    """BMC (K = 8, memory 10,000, ``memory_policy=policy``) on the first ``n_tasks`` tasks of
+    ``folder``, in this process."""
     import torch
 
     from bmc_fast import BMC, BMCConfig
@@ -94,10 +97,10 @@ def run_one(folder: str, n_tasks: int, epochs: int, consolidation_epochs: int, t
     torch.set_num_threads(threads)
     peaks = _Peaks()
     stream = TaskStream(load_features(folder).tasks[:n_tasks])
-    # memory_policy="cap": consolidation on the 10,000 samples of the storage budget (the
-    # default "keep" adds the step's K new buffers in full: up to 90,000 samples here).
+    # "cap": consolidation on the 10,000 samples of the storage budget; "keep" (the default) adds
+    # the step's K new buffers in full: up to 90,000 samples here.
     cfg = BMCConfig(n_experts=8, epochs=epochs, consolidation_epochs=consolidation_epochs, memory_size=10_000,
-                    buffer_size=10_000, memory_policy="cap", progress=False)
+                    buffer_size=10_000, memory_policy=policy, progress=False)
     t0 = time.perf_counter()
     res = BMC(cfg).fit(stream)
     total = time.perf_counter() - t0
@@ -117,10 +120,12 @@ def main(argv=None) -> int:
     p.add_argument("--folder", help="reuse (or write) the stream here")
     p.add_argument("--record", action="store_true", help="merge the figures into this machine kind's results file")
     p.add_argument("--out", default=os.path.join(HERE, "out", "stream_scale.json"))
+    p.add_argument("--policy", choices=["keep", "cap"], default="cap",
+                   help="BMCConfig.memory_policy: 'keep' (the default of BMCConfig) or 'cap'")
     p.add_argument("--one", nargs=4, metavar=("FOLDER", "T", "EPOCHS", "CEPOCHS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(run_one(a.one[0], int(a.one[1]), int(a.one[2]), int(a.one[3]), a.threads)))
+        print(json.dumps(run_one(a.one[0], int(a.one[1]), int(a.one[2]), int(a.one[3]), a.threads, a.policy)))
         return 0
     tasks, (ep, cep) = ([71], (20, 100)) if a.full else (a.tasks, (1, 1))
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,17 +137,18 @@ def main(argv=None) -> int:
             print(f"wrote {max(tasks)} tasks to {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
         rows = []
         for t in tasks:
-            r = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--one", folder, str(t),
-                                str(ep), str(cep)], capture_output=True, text=True, check=True)
+            r = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--policy", a.policy, "--one",
+                                folder, str(t), str(ep), str(cep)], capture_output=True, text=True, check=True)
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(_table(rows[-1:], header=len(rows) == 1), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"epochs": [ep, cep], "threads": a.threads, "rows": rows}, f, indent=1)
+        json.dump({"epochs": [ep, cep], "threads": a.threads, "policy": a.policy, "rows": rows}, f, indent=1)
     if a.record:
         from bench_contention import _record
 
-        print(_record("stream_scale", {"bench": "full" if a.full else "1+1", "epochs": [ep, cep], "rows": rows}))
+        bench = ("full" if a.full else "1+1") + ("" if a.policy == "cap" else f", {a.policy}")
+        print(_record("stream_scale", {"bench": bench, "epochs": [ep, cep], "policy": a.policy, "rows": rows}))
     return 0
 
 
@@ -159,9 +165,10 @@ def _table(rows, header=True) -> str:
 def bench_stream_scale_script_runs(tmp_path):
     out = tmp_path / "scale.json"
     assert main(["--tasks", "3", "5", "--train", "120", "--test", "40", "--threads", "1", "--folder",
-                 str(tmp_path / "stream"), "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["tasks"] for r in rows] == [3, 5]
+                 str(tmp_path / "stream"), "--out", str(out), "--policy", "keep"]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert [r["tasks"] for r in rows] == [3, 5] and doc["policy"] == "keep"
     assert all(r["total_s"] > 0 and r["peak_anon_mb"] > 0 and 0 <= r["final_cil"] <= 1 for r in rows)
 
 

@@ -327,7 +327,8 @@ def _stream_scale(doc: dict) -> list:
         ep = run["epochs"]
         out += ["", "### Stream scale (`benchmarks/bench_stream_scale.py`)", "",
                 f"Synthetic stream of 768-D float16 features (2-40 classes and uneven sizes per task), K = 8, memory "
-                f"10,000, {ep[0]} expert + {ep[1]} consolidation epoch(s), {run['threads']} threads; "
+                f"10,000, memory policy {run.get('policy', 'cap')!r}, {ep[0]} expert + {ep[1]} consolidation epoch(s), "
+                f"{run['threads']} threads; "
                 f"commit {run['commit']}.", "",
                 "| tasks | classes | experts s | buffers s | consolidation s | evaluation s | total s | s / task "
                 "| peak anon MB | peak file MB |", "|---|---|---|---|---|---|---|---|---|---|"]
