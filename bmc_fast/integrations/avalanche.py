@@ -184,15 +184,13 @@ def _no_transform(groups) -> bool:
     return t is None or (type(t).__name__ == "TupleTransform" and all(f is None for f in t.transforms))
 
 
-def _plain_rows(data, rows: torch.Tensor | None):
-    """(x, y) of ``rows`` (None: all, not copied) of an Avalanche dataset layer read straight
+def _plain_inputs(data, rows: torch.Tensor | None):
+    """The inputs of ``rows`` (None: all, not copied) of an Avalanche dataset layer, read straight
     from the tensors under it, or None where a layer transforms, concatenates or is not made of
     tensors (the caller then reads item by item)."""
     if isinstance(data, torch.utils.data.TensorDataset):
-        t = data.tensors
-        if len(t) < 2:
-            return None
-        return (t[0], t[1]) if rows is None else (t[0][rows], t[1][rows])
+        x = data.tensors[0]
+        return x if rows is None else x[rows]
     flat = getattr(data, "_flat_data", data)
     inner = getattr(flat, "_datasets", None)
     if inner is None or len(inner) != 1 or not (_no_transform(getattr(flat, "_transform_groups", None))
@@ -202,7 +200,7 @@ def _plain_rows(data, rows: torch.Tensor | None):
     if indices is not None:
         indices = torch.as_tensor(list(indices), dtype=torch.long)
         rows = indices if rows is None else indices[rows]
-    return _plain_rows(inner[0], rows)
+    return _plain_inputs(inner[0], rows)
 
 
 def _experience_tensors(experience) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,12 +211,12 @@ def _experience_tensors(experience) -> tuple[torch.Tensor, torch.Tensor]:
     else both item by item through a DataLoader."""
     ds = experience.dataset
     try:
-        fast = _plain_rows(ds, None)
-        targets = torch.as_tensor(list(ds.targets), dtype=torch.long) if fast is not None else None
+        x = _plain_inputs(ds, None)
+        y = torch.as_tensor(list(ds.targets), dtype=torch.long) if x is not None else None
     except (AttributeError, TypeError, IndexError, ValueError):
-        fast = targets = None
-    if fast is not None and fast[0].shape[0] == len(ds) and targets.shape == (len(ds),):
-        return fast[0], targets
+        x = y = None
+    if x is not None and x.shape[0] == len(ds) and y.shape == (len(ds),):
+        return x, y
     loader = torch.utils.data.DataLoader(experience.dataset, batch_size=4096, shuffle=False)
     xs, ys = [], []
     for batch in loader:
@@ -237,6 +235,14 @@ def _classes(experience, seen: int, where: str) -> tuple[int, int]:
                          "of one head (build the benchmark with class ids in order of appearance, e.g. "
                          "nc_benchmark(..., class_ids_from_zero_from_first_exp=True))")
     return seen, len(classes)
+
+
+def _placeholder(name: str, num_classes: int, shape):
+    """A learned task kept as its class range: one zero row of the stream's input shape."""
+    from ..data import Task
+
+    one = torch.zeros((1,) + tuple(shape))
+    return Task(name, one, torch.zeros(1, dtype=torch.long), one[:0], torch.zeros(0, dtype=torch.long), num_classes)
 
 
 class BMCStrategy(SupervisedTemplate):
@@ -338,12 +344,7 @@ class BMCStrategy(SupervisedTemplate):
     def _forget_data(self, shape) -> None:
         """Keeps the tasks learned as their class ranges only (the memory holds what BMC keeps of
         their samples): one-row placeholders hold the stream's offsets for the steps to come."""
-        from ..data import Task
-
-        one = torch.zeros((1,) + tuple(shape))
-        self._tasks = [(e, o, t if t.x_train.shape[0] == 1 else
-                        Task(t.name, one, torch.zeros(1, dtype=torch.long), one[:0], torch.zeros(0, dtype=torch.long),
-                             t.num_classes)) for e, o, t in self._tasks]
+        self._tasks = [(e, o, _placeholder(t.name, t.num_classes, shape)) for e, o, t in self._tasks]
 
     def train(self, experiences, eval_streams=None, **kwargs):
         """Learns ``experiences`` (one, or a sequence) in steps of ``n_experts``; returns the
@@ -393,7 +394,6 @@ class BMCStrategy(SupervisedTemplate):
 
     def load(self, path: str) -> None:
         """Restores what :meth:`save` wrote (``torch.load(weights_only=True)``: no code runs)."""
-        from ..data import Task
         from ..train.checkpoint import load_checkpoint
         from ..train.memory import Memory
 
@@ -404,9 +404,7 @@ class BMCStrategy(SupervisedTemplate):
         self.bmc.memory = Memory.from_state_dict(state["memory"])
         self.bmc._next_step = int(state["next_step"])
         shape = tuple(self.bmc.memory.buffers[0].x.shape[1:]) if self.bmc.memory.buffers else (1,)
-        one = torch.zeros((1,) + shape)
-        self._tasks = [(e, o, Task(name, one, torch.zeros(1, dtype=torch.long), one[:0],
-                                   torch.zeros(0, dtype=torch.long), n)) for e, o, n, name in json.loads(state["tasks"])]
+        self._tasks = [(e, o, _placeholder(name, n, shape)) for e, o, n, name in json.loads(state["tasks"])]
         self.bmc._next_task = len(self._tasks)
 
 

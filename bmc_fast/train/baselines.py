@@ -148,7 +148,7 @@ class BalancedBuffer(_Slots):
             counts[c] += 1
 
 
-class TaskEndBuffer:
+class TaskEndBuffer(_Slots):
     """A buffer filled once per task, after the model has trained on it, with an even share of
     ``capacity`` per group: per task (``by="task"``: Avalanche's ``ExperienceBalancedBuffer``,
     the storage of its Replay) or per class (``by="class"``: its ``ClassBalancedBuffer``, the
@@ -159,17 +159,11 @@ class TaskEndBuffer:
     its share. Rows of the task being trained are never in the buffer while it trains."""
 
     def __init__(self, capacity: int, by: str, generator: torch.Generator):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        super().__init__(capacity)
         if by not in ("task", "class"):
             raise ValueError(f"by must be 'task' or 'class', got {by!r}")
-        self.capacity, self.by, self.generator = capacity, by, generator
+        self.by, self.generator = by, generator
         self.groups: dict[int, tuple] = {}  # key -> (x, y, logits or None), rows in a random order
-        self.x = self.y = self.logits = None
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
 
     def add_task(self, task: int, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> None:
         """Offers the rows of one task (global labels ``y``; ``logits`` stored with them, or None)."""
@@ -191,10 +185,6 @@ class TaskEndBuffer:
         self.x, self.y = torch.cat([g[0] for g in kept]), torch.cat([g[1] for g in kept])
         self.logits = None if logits is None else torch.cat([g[2] for g in kept])
         self.size = len(self.y)
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``min(n, len)`` distinct stored rows, uniformly at random."""
-        return torch.randperm(self.size, generator=generator)[:n]
 
 
 STORAGE = ("task", "class", "reservoir")  # ER's and DER++'s buffers: filled after each task, or online
@@ -498,7 +488,7 @@ def _derpp(stream, cfg, model_fn, alpha, beta, kind, optimizer, draws) -> Result
     clock, device = _Clock(), torch.device(cfg.device)
     model = _new_model(stream, cfg, model_fn)
     buf = _storage(cfg, "derpp", kind, stream.num_classes)
-    online = kind == "reservoir"
+    online = not isinstance(buf, TaskEndBuffer)
     result = _result(stream, "derpp", cfg, {"alpha": alpha, "beta": beta, "buffer": kind, "optimizer": optimizer,
                                             "draws": draws, "step": f"autograd ({DerppStep.reason})"})
     opt = None
