@@ -283,7 +283,8 @@ def bn_relu_dropout_args(inputs, weights, biases, running_means, running_vars, p
 def resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, running_vars, momentum, eps, p, seeds,
                 first_model=0):
     """A ResMLP's tensors for resmlp(): x [B, I] (weights [O, I]) or [K, B, I] (weights [K, O, I]);
-    proj, (fc1, fc2, short) per block, head; widths chained; first_model an integer >= 0; returns
+    proj, (fc1, fc2, short) per block, head; widths chained (a block's inner width, fc1's output,
+    may differ from its output width); first_model an integer >= 0; returns
     the number of blocks."""
     x = floating(x, "x")
     if x.dim() not in (2, 3):
@@ -319,16 +320,19 @@ def resmlp_args(x, weights, biases, bn_weights, bn_biases, running_means, runnin
     width = weights[0].shape[-2]
     param(weights[0], "weights[0]", (width, x.shape[-1]))
     param(biases[0], "biases[0]", (width,))
+    def out_dim(t):
+        return t.shape[-2] if isinstance(t, torch.Tensor) and t.dim() >= 2 else -1
+
     for b in range(nb):
         i = 1 + 3 * b
-        w = weights[i].shape[-2] if isinstance(weights[i], torch.Tensor) and weights[i].dim() >= 2 else -1
-        for j, want in enumerate(((w, width), (w, w), (w, width))):
+        m, w = out_dim(weights[i]), out_dim(weights[i + 1])  # the block's inner and output widths
+        for j, (want, c) in enumerate((((m, width), m), ((w, m), w), ((w, width), w))):
             param(weights[i + j], f"weights[{i + j}]", want)
-            param(biases[i + j], f"biases[{i + j}]", (w,))
+            param(biases[i + j], f"biases[{i + j}]", (c,))
             for name, lst in (("bn_weights", bn_weights), ("bn_biases", bn_biases), ("running_means", running_means),
                               ("running_vars", running_vars)):
                 if lst:
-                    param(lst[3 * b + j], f"{name}[{3 * b + j}]", (w,))
+                    param(lst[3 * b + j], f"{name}[{3 * b + j}]", (c,))
         width = w
     last = len(weights) - 1
     c = weights[last].shape[-2] if isinstance(weights[last], torch.Tensor) and weights[last].dim() >= 2 else -1

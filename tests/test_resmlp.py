@@ -18,8 +18,8 @@ FUSED_DTYPES = [torch.float32, torch.float64]
 
 def make(k, b, dims, dtype=torch.float32, grad=True):
     """A random ResMLP's lists for k stacked models (k=None: one model) with widths
-    dims = (input, proj, block widths..., classes); returns (x, weights, biases, bn_weights,
-    bn_biases, running_means, running_vars)."""
+    dims = (input, proj, block widths..., classes), a block's width w or (inner, w); returns (x,
+    weights, biases, bn_weights, bn_biases, running_means, running_vars)."""
     torch.manual_seed(1234 + b)  # fixed data: a ReLU input within rounding of 0 flips a mask bit
     lead = () if k is None else (k,)
 
@@ -31,14 +31,16 @@ def make(k, b, dims, dtype=torch.float32, grad=True):
     weights, biases = [t(proj, d_in, scale=d_in ** -0.5)], [t(proj, scale=0.1)]
     bn_w, bn_b, rm, rv = [], [], [], []
     width = proj
-    for w in widths:
-        for shape in ((w, width), (w, w), (w, width)):
+    for block in widths:
+        m, w = block if isinstance(block, tuple) else (block, block)
+        for shape in ((m, width), (w, m), (w, width)):
+            c = shape[0]
             weights.append(t(*shape, scale=shape[1] ** -0.5))
-            biases.append(t(w, scale=0.1))
-            bn_w.append(t(w, scale=0.2, shift=1.0))
-            bn_b.append(t(w, scale=0.1))
-            rm.append(torch.randn(*lead, w, dtype=dtype))
-            rv.append(torch.rand(*lead, w, dtype=dtype) + 0.5)
+            biases.append(t(c, scale=0.1))
+            bn_w.append(t(c, scale=0.2, shift=1.0))
+            bn_b.append(t(c, scale=0.1))
+            rm.append(torch.randn(*lead, c, dtype=dtype))
+            rv.append(torch.rand(*lead, c, dtype=dtype) + 0.5)
         width = w
     weights.append(t(c, width, scale=width ** -0.5))
     biases.append(t(c, scale=0.1))
@@ -55,6 +57,9 @@ CASES = [  # (k, b, dims)
     (2, 2, (5, 3, 1, 2)),          # B = 2, a width-1 block
     (1, 9, (7, 5, 6, 4, 3, 1)),    # three blocks, one class
     (None, 64, (33, 16, 40, 10)),  # one block
+    (None, 16, (20, 12, (8, 24), (8, 24), 7)),  # blocks narrower inside (parity's 128 in 256)
+    (3, 16, (20, 12, (8, 24), (30, 24), 7)),    # stacked; narrower and wider inside
+    (2, 5, (7, 3, (1, 4), 2)),                  # an inner width of 1, odd rows
 ]
 
 
@@ -228,8 +233,9 @@ def test_half_dtypes_run_the_reference(dtype):
 
 
 @pytest.mark.parametrize("first_model", [None, 0, 3])
-def test_opcheck(first_model):
-    x, w, bs, bw, bb, _, _ = make(2, 6, (5, 4, 8, 3), grad=False)
+@pytest.mark.parametrize("block", [8, (6, 8)])  # one width, or narrower inside
+def test_opcheck(first_model, block):
+    x, w, bs, bw, bb, _, _ = make(2, 6, (5, 4, block, 3), grad=False)
     fm = () if first_model is None else (first_model,)
     args = (x, w, bs, bw, bb, 1e-5, [0.3], [11], *fm)
     torch.library.opcheck(OP, args)
@@ -242,8 +248,9 @@ def test_opcheck(first_model):
 
 
 @pytest.mark.parametrize("first_model", [0, 2])
-def test_compile_the_public_function(first_model):
-    x, w, bs, bw, bb, rm, rv = make(None, 10, (6, 5, 8, 3))
+@pytest.mark.parametrize("block", [8, (6, 8)])
+def test_compile_the_public_function(first_model, block):
+    x, w, bs, bw, bb, rm, rv = make(None, 10, (6, 5, block, 3))
     rm2, rv2 = [t.clone() for t in rm], [t.clone() for t in rv]
 
     def f(x, w, bs, bw, bb, rm, rv):
@@ -298,6 +305,8 @@ def _bad_cases():
         (raw(lambda a: a.__setitem__(7, [])), ValueError, "seeds must hold 1"),
         (raw(lambda a: a.__setitem__(3, a[3][:2])), ValueError, "bn_weights must hold 3"),
         (raw(lambda a: a[1].__setitem__(4, a[1][4][..., :2])), ValueError, r"weights\[4\] must have shape"),
+        (raw(lambda a: a[1].__setitem__(2, a[1][2][..., :3])), ValueError, r"weights\[2\] must have shape \[2, 8, 8\]"),
+        (raw(lambda a: a[2].__setitem__(1, a[2][1][..., :3])), ValueError, r"biases\[1\] must have shape \[2, 8\]"),
         (raw(lambda a: a.__setitem__(0, a[0].half())), TypeError, "float32 or float64"),
         (raw(lambda a: a.append(-1)), ValueError, "first_model must be >= 0"),
     ]
@@ -328,17 +337,18 @@ def test_backward_op_checks_its_gradients():
 
 # ---- the fused ResMLP ---------------------------------------------------------------------------
 
-def _pair(dropout=0.0, d=24, c=7, dtype=torch.float32):
+def _pair(dropout=0.0, d=24, c=7, dtype=torch.float32, inner=None):
     torch.manual_seed(3)
-    fused = ResMLP(d, c, hidden=16, width=40, dropout=dropout).to(dtype).train()
+    fused = ResMLP(d, c, hidden=16, width=40, dropout=dropout, inner=inner).to(dtype).train()
     eager = copy.deepcopy(fused)
     eager.fused = False
     return fused, eager
 
 
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)
-def test_resmlp_fused_matches_module(dtype):
-    fused, eager = _pair(dtype=dtype)
+@pytest.mark.parametrize("inner", [None, 24])
+def test_resmlp_fused_matches_module(dtype, inner):
+    fused, eager = _pair(dtype=dtype, inner=inner)
     x = torch.randn(33, 24, dtype=dtype)
     assert fused_path_available(fused, x)
     tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)

@@ -109,10 +109,11 @@ def test_mixup_with_stored_targets_is_refused():
     spec = LossSpec(mixup_alpha=0.4)
     with pytest.raises(ValueError, match="mixup_generator"):
         build_step(m, adamw(m.parameters(), 1e-2, 0.0), spec, BMCConfig(progress=False), x)
-    step = build_step(m, adamw(m.parameters(), 1e-2, 0.0), spec, BMCConfig(progress=False), x,
-                      mixup_generator=np.random.default_rng(0))
-    assert isinstance(step, AutogradStep) and "mixup" in step.reason
-    assert torch.isfinite(step(x, b, [5, 6]))
+    for fused in (True, False):  # the one-call step mixes too
+        step = build_step(m, adamw(m.parameters(), 1e-2, 0.0), spec, BMCConfig(progress=False, fused_step=fused), x,
+                          mixup_generator=np.random.default_rng(0))
+        assert step.kind == ("fused" if fused else "autograd") and step.mixup is not None
+        assert torch.isfinite(step(x, b, [5, 6]))
 
 
 def test_kd_makes_the_buffers_keep_the_logits():

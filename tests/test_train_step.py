@@ -13,7 +13,7 @@ from bmc_fast.data import Task, TaskStream
 from bmc_fast.train.experts import train_experts
 from bmc_fast.train.step import adamw
 from bmc_fast.train.memory import Memory
-from bmc_fast.backbone import ResMLP, fused_args
+from bmc_fast.backbone import ResMLP, fused_args, resmlp_train_forward
 from bmc_fast.optim import AdamW
 from bmc_fast.backbone.train_step import fused_train_step, unfused_reason
 from bmc_fast.ops import (batched_distillation_loss, stability_loss, task_masked_cross_entropy,
@@ -33,14 +33,15 @@ def make_stream(k=3, n=96, d=12, c=3, seed=0):
     return TaskStream(tasks)
 
 
-def run(stream, fused_step, **over):
-    """Experts on every task, then a consolidation; returns (artifacts, consolidated base)."""
+def run(stream, fused_step, inner=None, **over):
+    """Experts on every task, then a consolidation; returns (artifacts, consolidated base).
+    ``inner``: the ResMLP's width inside its blocks (None: its width, 16)."""
     opts = dict(n_experts=len(stream), epochs=2, batch_size=16, consolidation_epochs=2, consolidation_batch_size=16,
                 buffer_size=48, memory_size=120, keep_expert_states=True, progress=False, fused_step=fused_step)
     opts.update(over)
     cfg = BMCConfig(**opts)
     torch.manual_seed(0)
-    base = ResMLP(stream.input_dim, stream.num_classes, hidden=8, width=16)
+    base = ResMLP(stream.input_dim, stream.num_classes, hidden=8, width=16, inner=inner)
     arts = train_experts(base, stream, list(range(len(stream))), cfg, step_index=3, use_stability=True)
     mem = Memory()
     mem.add([a.buffer for a in arts], cfg.memory_size, torch.Generator().manual_seed(0))
@@ -90,16 +91,33 @@ def test_fused_step_trains_what_the_autograd_step_trains(parallel, calls):
     assert calls[0] == 0
 
 
+@pytest.mark.parametrize("parallel", ["stacked", "sequential"])
+@pytest.mark.parametrize("inner", [8, 24])
+def test_fused_step_trains_blocks_of_another_inner_width(parallel, inner, calls):
+    # parity's ResMLP is 128 wide inside 256-wide blocks: the one-call step trains it too
+    stream = make_stream(seed=2)
+    fused = run(stream, True, inner=inner, parallel=parallel)
+    assert calls[0] == (12 if parallel == "stacked" else 36) + 16
+    assert fused[1].block1.fc1.weight.shape == (inner, 8) and fused[1].block2.fc2.weight.shape == (16, inner)
+    assert_same(fused, run(stream, False, inner=inner, parallel=parallel))
+
+
 @pytest.mark.parametrize("over", [
     dict(kd_coef=0.5, kd_temperature=3.0, consolidation_ce="task"),  # KD from the stored teacher logits
     dict(task_coef=0.7, distill_coef=2.5, stability_coef=0.3),       # scaled terms
     dict(distill_coef=0.0, stability_coef=0.0),                      # CE only
-    dict(mixup_alpha=0.4, distill_coef=0.0, stability="weight"),     # both run the autograd step
-], ids=["kd", "coefs", "ce-only", "mixup-weight"])
+    dict(mixup_alpha=0.4, distill_coef=0.0, stability="weight"),     # experts through autograd, mixup fused
+    dict(mixup_alpha=0.4, mixup="uniform", distill_coef=0.0, consolidation_ce="span",  # parity's consolidation
+         consolidation_sampler="weighted", val_fraction=0.2, lr_patience=1),
+], ids=["kd", "coefs", "ce-only", "mixup-weight", "parity-consolidation"])
 def test_fused_step_with_every_loss_term(over, calls):
     stream = make_stream(seed=1)
     fused = run(stream, True, **over)
-    assert (calls[0] > 0) == ("mixup_alpha" not in over)
+    # the experts' steps are fused, except weight stability's
+    want = 16 if over.get("stability") == "weight" else 12 + 16
+    if "consolidation_sampler" in over:  # weighted draws, last batch dropped, 20% held out: 2 x 96 // 16
+        want = 12 + 2 * (96 // 16)
+    assert calls[0] == want
     assert_same(fused, run(stream, False, **over))
 
 
@@ -266,6 +284,54 @@ def test_a_bad_batch_raises_and_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(opt._caches[0].exp_avgs, moments))
     step(x, ce_batch(y, off, ln))  # and it goes on
     assert int(opt._caches[0].count) == count + 1
+
+
+def _mixed_batch(y, off, ln, w=0.7):
+    perm = torch.arange(len(y)).flip(0)
+    return ce_batch(y, off, ln, mix_labels=y[perm], mix_ce_offset=off[perm], mix_ce_len=ln[perm],
+                    mix_weight=torch.tensor(w, dtype=torch.float64))
+
+
+def test_mixed_cross_entropy_matches_autograd():
+    # w CE(labels) + (1 - w) CE(mix_labels), its gradient through the same backward
+    m, m2 = _twins(c=5)
+    off, ln = torch.randint(0, 3, (16,)), torch.full((16,), 3)
+    x, y = torch.randn(16, 12), off + torch.randint(0, 3, (16,))
+    batch = _mixed_batch(y, off, ln, 0.7)
+    step = fused_train_step(m, fused_args(m), AdamW(m.parameters(), lr=1e-2), x, loss_spec())
+    opt2 = AdamW(m2.parameters(), lr=1e-2)
+    got = step(x, batch, seeds=[3, 4])
+    logits, _ = resmlp_train_forward(m2, fused_args(m2), x, [3, 4])
+    want = 0.7 * task_masked_cross_entropy(logits, y, off, ln) + 0.3 * task_masked_cross_entropy(
+        logits, batch["mix_labels"], batch["mix_ce_offset"], batch["mix_ce_len"])
+    opt2.zero_grad()
+    want.backward()
+    opt2.step()
+    torch.testing.assert_close(got, want.detach())
+    for (name, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda b: b.pop("mix_ce_len"), r"need batch\['mix_ce_len'\] \(the mixed cross-entropy term\)"),
+    (lambda b: b.pop("mix_labels"), r"need batch\['mix_labels'\]"),
+    (lambda b: b.update(mix_weight=torch.tensor([0.5])), r"mix_weight'\] must be a 0-dim"),
+    (lambda b: b.update(mix_weight=torch.tensor(1.5)), r"mix_weight'\] must be in \[0, 1\]"),
+    (lambda b: b.update(mix_labels=torch.full((16,), 9)), "label"),
+])
+def test_a_bad_mixed_batch_is_named_and_changes_nothing(change, match):
+    m, _ = _twins()
+    opt = AdamW(m.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    off, ln = torch.zeros(16, dtype=torch.long), torch.full((16,), 3)
+    step = fused_train_step(m, fused_args(m), opt, x, loss_spec())
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    batch = _mixed_batch(y, off, ln)
+    change(batch)
+    with pytest.raises(ValueError, match=match):
+        step(x, batch)
+    for n, t in m.state_dict().items():
+        assert torch.equal(t, before[n]), n
 
 
 def test_a_bad_loss_description_is_named():

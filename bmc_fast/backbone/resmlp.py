@@ -69,8 +69,8 @@ class ResMLP(nn.Module):
     default generator). ``fused=False`` is the plain eager module.
 
     ``inner``: the width inside each residual block (the first fc's output; default ``width``).
-    The authors' public code has 128 there (``BMCConfig.preset("parity")`` sets it); such blocks
-    train through the plain modules, the fused kernels taking blocks of one width.
+    The authors' public code has 128 there (``BMCConfig.preset("parity")`` sets it); the fused
+    kernels and the one-call step take any inner width.
     """
 
     def __init__(self, input_dim: int, num_classes: int, hidden: int = 128, width: int = 256,
@@ -162,8 +162,8 @@ def fused_path_available(model: nn.Module, x: torch.Tensor) -> bool:
     """True when :func:`resmlp_train_forward` can train ``model`` on ``x``: a :class:`ResMLP` with
     standard BatchNorm layers (affine, running statistics, one eps and momentum), float32/float64
     CPU tensors, the extension loaded, no autocast, not under torch.compile or functorch
-    transforms, at least 2 rows (batch statistics), blocks of one width (``inner == width``)."""
-    if not (isinstance(model, ResMLP) and isinstance(x, torch.Tensor)) or model.inner != model.feature_dim:
+    transforms, at least 2 rows (batch statistics)."""
+    if not (isinstance(model, ResMLP) and isinstance(x, torch.Tensor)):
         return False
     if x.dtype not in (torch.float32, torch.float64) or x.dim() < 2 or x.shape[0] < 2:
         return False

@@ -35,7 +35,7 @@ __all__ = ["FusedTrainStep", "fused_train_step", "unfused_reason"]
 
 # The batch keys the step's loss terms read (csrc/cpu/resmlp_train_step.h).
 _BATCH_KEYS = ("labels", "ce_offset", "ce_len", "teacher_features", "buffer_id", "base_features", "teacher_logits",
-               "kd_offset", "kd_len")
+               "kd_offset", "kd_len", "mix_labels", "mix_ce_offset", "mix_ce_len", "mix_weight")
 
 
 def _step_loss(loss):
@@ -59,11 +59,16 @@ class FusedTrainStep:
     features, teacher_features, buffer_id, num_buffers, "mean")``, ``stability_coef *
     stability_loss(features, base_features, "sum")`` and ``kd_coef * task_masked_kd_loss(logits,
     teacher_logits, kd_offset, kd_len, kd_temperature, "mean")`` where their coefficients are
-    not zero. It is handed to C++ once (a ``torch.classes.bmc_fast.StepLoss``, whose
+    not zero. A batch of mixed inputs ``w x_a + (1 - w) x_b`` also brings ``mix_labels``,
+    ``mix_ce_offset``, ``mix_ce_len`` (x_b's rows) and ``mix_weight`` (w, a 0-dim tensor): its CE
+    term is ``w CE(labels, ...) + (1 - w) CE(mix_labels, ...)``; ``step.mixup`` (a
+    :class:`bmc_fast.train.step.Mixup`, set by the trainer) mixes every batch so before the step.
+    The loss description is handed to C++ once (a ``torch.classes.bmc_fast.StepLoss``, whose
     construction checks the fields); assigning ``step.loss`` hands over the new one."""
 
     def __init__(self, hyper: ResMLP, lists: tuple, cache, group: dict, loss):
         self.after = None  # called after every step (the trainer's thread tuner)
+        self.mixup = None  # (x, batch) -> (mixed x, batch with the mix_* tensors), before every step
         weights, biases, bn_w, bn_b, rmean, rvar, tracked = lists
         pos = {id(p): i for i, p in enumerate(cache.params)}
         flat = weights + biases + bn_w + bn_b
@@ -109,6 +114,8 @@ class FusedTrainStep:
             momentum = self._momentum
         if seeds is None:
             seeds = [new_seed() if v > 0 else 0 for v in self.p]
+        if self.mixup is not None:
+            x, batch = self.mixup(x, batch)
         tensors = {}
         for k in _BATCH_KEYS:
             v = batch.get(k)

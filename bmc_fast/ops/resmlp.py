@@ -27,7 +27,8 @@ def resmlp(x, weights, biases, bn_weights, bn_biases, running_means=None, runnin
             (K stacked models, weights ``[K, O, I]``, per-channel tensors ``[K, O]``); B >= 2.
             float32/float64; the fused kernels run on the CPU, other devices run the reference.
         weights, biases: the Linear layers: proj, then fc1, fc2, short of each block, then head
-            (2 + 3 * blocks tensors each).
+            (2 + 3 * blocks tensors each). A block's fc1 may map to an inner width other than
+            its output width (fc2 maps it back).
         bn_weights, bn_biases: the BatchNorm affine parameters: bn1, bn2, bn_s of each block.
         running_means, running_vars: the BatchNorm running statistics in the same order, updated
             in place with ``momentum`` (unbiased variance, as BatchNorm); None to skip.
@@ -74,11 +75,12 @@ def _saved_like(x, weights):
     saved = []
     d_in = weights[0].shape[-2]
     for b in range((len(weights) - 2) // 3):
-        w = weights[1 + 3 * b].shape[-2]
-        act = lambda: x.new_empty(lead + (w,))  # noqa: E731
-        mask = lambda: x.new_empty(lead + (w,), dtype=torch.uint8)  # noqa: E731
-        stat = lambda: x.new_empty(models + (w,))  # noqa: E731
-        saved += [x.new_empty(lead + (d_in,)), mask(), act(), stat(), act(), mask(), act(), act(), stat(), stat()]
+        m, w = weights[1 + 3 * b].shape[-2], weights[2 + 3 * b].shape[-2]  # inner and output widths
+        act = lambda c: x.new_empty(lead + (c,))  # noqa: E731
+        mask = lambda c: x.new_empty(lead + (c,), dtype=torch.uint8)  # noqa: E731
+        stat = lambda c: x.new_empty(models + (c,))  # noqa: E731
+        saved += [x.new_empty(lead + (d_in,)), mask(m), act(m), stat(m), act(m), mask(w), act(w), act(w), stat(w),
+                  stat(w)]
         d_in = w
     return saved
 

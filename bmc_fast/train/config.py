@@ -142,7 +142,7 @@ class BMCConfig:
         * ``lr_patience=10``: ReduceLROnPlateau on the validation loss (no early stopping in either).
         * ``full_head=True``: class-IL argmax over the whole head, unseen tasks' classes included.
         * ``backbone_inner=128``: the ResMLP's residual blocks are 128 wide inside (fc1 to 128,
-          fc2 back to 256), as the public code's; they train through the plain modules.
+          fc2 back to 256), as the public code's (on the fused kernels like ``paper``'s).
         * ``consolidation_lr=0.01``: the public code's learning rate on the memory (``paper``: 0.005).
 
         It also pins ``memory_policy="keep"`` (new buffers in full + kept memory, then

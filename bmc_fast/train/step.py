@@ -148,8 +148,6 @@ class FastPaths:
             return "BMCConfig.fused_backbone is off"
         if not self.fused_optimizer:
             return "BMCConfig.fused_optimizer is off"
-        if loss.mixup_alpha > 0:
-            return "mixup runs through autograd"
         if loss.stability_coef and loss.stability == "weight":
             return "weight stability runs through autograd"
         return None
@@ -190,6 +188,7 @@ class FastPaths:
         if reason is None:
             step = FusedTrainStep.of(model, lists, optimizer, loss)
             step.kind, step.reason, step.after = "fused", None, threads.tick
+            step.mixup = Mixup.of(loss, mixup_generator)
             return step
         if forward is None:
             forward = self.train_forward(model, x, lists)
@@ -199,6 +198,35 @@ class FastPaths:
 
 def _scaled(coef: float, t: torch.Tensor) -> torch.Tensor:
     return t if coef == 1 else coef * t
+
+
+class Mixup:
+    """The mixup of a step's training batches (:class:`LossSpec`'s ``mixup_alpha`` and ``mixup``):
+    ``mix(x, batch)`` draws the weight w and a permutation of the rows from the numpy Generator
+    (in that order) and returns ``w x + (1 - w) x[perm]`` with the batch plus the permuted rows'
+    CE tensors (``mix_labels``, ``mix_ce_offset``, ``mix_ce_len``) and ``mix_weight`` (a 0-dim
+    float64 tensor): the CE of the step is then ``w CE(labels) + (1 - w) CE(mix_labels)``. Both
+    steps, the one-call step and the autograd one, read the same batch."""
+
+    def __init__(self, alpha: float, kind: str, generator):
+        self.alpha, self.kind, self.generator = float(alpha), kind, generator
+
+    @classmethod
+    def of(cls, loss: LossSpec, generator) -> "Mixup | None":
+        """The mixup of ``loss`` with ``generator``; None where ``loss`` has none."""
+        if loss.mixup_alpha <= 0:
+            return None
+        if generator is None:
+            raise ValueError("a step with mixup needs its mixup_generator (a numpy Generator)")
+        return cls(loss.mixup_alpha, loss.mixup, generator)
+
+    def __call__(self, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        a, g = self.alpha, self.generator
+        lam = float(g.beta(a, a) if self.kind == "beta" else g.uniform(1 - a, 1))
+        perm = torch.from_numpy(g.permutation(x.shape[0])).to(x.device)
+        mixed = dict(batch, mix_labels=batch["labels"][perm], mix_ce_offset=batch["ce_offset"][perm],
+                     mix_ce_len=batch["ce_len"][perm], mix_weight=torch.tensor(lam, dtype=torch.float64))
+        return lam * x + (1 - lam) * x[perm], mixed
 
 
 class AutogradStep:
@@ -213,22 +241,20 @@ class AutogradStep:
         self.forward, self.optimizer, self.loss, self.ops, self.reason = forward, optimizer, loss, ops, reason
         self.stacked = stacked
         self.base_flat, self.params_flat = base_flat, params_flat
-        if loss.mixup_alpha > 0 and mixup_generator is None:
-            raise ValueError("a step with mixup needs its mixup_generator (a numpy Generator)")
-        self._mixgen = mixup_generator
+        self.mixup = Mixup.of(loss, mixup_generator)
 
     def loss_value(self, x, batch, seeds=None, first_model=0, train: bool = True) -> torch.Tensor:
         """The loss of ``batch`` (with its graph); mixup only when ``train``."""
         spec, L = self.loss, self.ops
         y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
         stacked = self.stacked
-        if train and spec.mixup_alpha > 0:
-            a = spec.mixup_alpha
-            lam = float(self._mixgen.beta(a, a) if spec.mixup == "beta" else self._mixgen.uniform(1 - a, 1))
-            perm = torch.from_numpy(self._mixgen.permutation(x.shape[0])).to(x.device)
-            logits, _ = self.forward(lam * x + (1 - lam) * x[perm], seeds, first_model)
+        if train and self.mixup is not None:
+            x, batch = self.mixup(x, batch)
+            lam = float(batch["mix_weight"])
+            logits, _ = self.forward(x, seeds, first_model)
             ce = lam * L.task_masked_cross_entropy(logits, y, off, ln, reduction=spec.ce_reduction) + (1 - lam) * \
-                L.task_masked_cross_entropy(logits, y[perm], off[perm], ln[perm], reduction=spec.ce_reduction)
+                L.task_masked_cross_entropy(logits, batch["mix_labels"], batch["mix_ce_offset"], batch["mix_ce_len"],
+                                            reduction=spec.ce_reduction)
             return _scaled(spec.ce_scale, ce)
         logits, feats = self.forward(x, seeds, first_model)
         rows = logits.reshape(-1, logits.shape[-1]) if stacked else logits

@@ -8,7 +8,7 @@
 // normalisation + activation + dropout is the bn_relu_dropout kernel, called directly.
 //
 // Layout. x is [B, I] with weights [O, I] (one model) or [K, B, I] with weights [K, O, I] (K
-// stacked models). weights/biases: proj, then (fc1, fc2, short) per block, then head; bn_*: (bn1,
+// stacked models); a block's inner width (fc1's output, bn1) may differ from its output width. weights/biases: proj, then (fc1, fc2, short) per block, then head; bn_*: (bn1,
 // bn2, bn_s) per block. saved: block b's input at 10 b, then its mask1, xhat1, invstd1, relu
 // output r, mask2, xhat2, xhat_s, invstd2, invstd_s (10 b + 1 ... 10 b + 9); the last block's
 // output is `features`, passed to the backward separately.
@@ -129,19 +129,22 @@ size_t check_model(const at::Tensor& x, at::TensorList weights, at::TensorList b
   check_list(biases.size(), weights.size(), "biases", "tensors (one per weight)");
   check_list(bn_weights.size(), 3 * nb, "bn_weights", "tensors (bn1, bn2, bn_s per block)");
   check_list(bn_biases.size(), 3 * nb, "bn_biases", "tensors (bn1, bn2, bn_s per block)");
-  const auto out_dim = [&](size_t i) { return weights[i].size(-2); };
+  const auto out_dim = [&](size_t i) { return weights[i].dim() >= 2 ? weights[i].size(-2) : int64_t{-1}; };
   check_param(weights[0], x, stacked, {weights[0].size(-2), x.size(-1)}, "weights", 0);
   int64_t width = out_dim(0);
   for (size_t b = 0; b < nb; ++b) {
+    // fc1 maps the block's input to its inner width m, fc2 maps m to the block's output width w
+    // (the short cut maps the input to w); m and w may differ.
     const size_t i = 1 + 3 * b;
-    const int64_t w = out_dim(i);
-    check_param(weights[i], x, stacked, {w, width}, "weights", i);
-    check_param(weights[i + 1], x, stacked, {w, w}, "weights", i + 1);
+    const int64_t m = out_dim(i), w = out_dim(i + 1);
+    check_param(weights[i], x, stacked, {m, width}, "weights", i);
+    check_param(weights[i + 1], x, stacked, {w, m}, "weights", i + 1);
     check_param(weights[i + 2], x, stacked, {w, width}, "weights", i + 2);
     for (size_t j = 0; j < 3; ++j) {
-      check_param(biases[i + j], x, stacked, {w}, "biases", i + j);
-      check_param(bn_weights[3 * b + j], x, stacked, {w}, "bn_weights", 3 * b + j);
-      check_param(bn_biases[3 * b + j], x, stacked, {w}, "bn_biases", 3 * b + j);
+      const int64_t c = j == 0 ? m : w;
+      check_param(biases[i + j], x, stacked, {c}, "biases", i + j);
+      check_param(bn_weights[3 * b + j], x, stacked, {c}, "bn_weights", 3 * b + j);
+      check_param(bn_biases[3 * b + j], x, stacked, {c}, "bn_biases", 3 * b + j);
     }
     width = w;
   }

@@ -48,7 +48,8 @@ void add_grad(at::Tensor& acc, const at::Tensor& grad, double coef) {
 }
 
 constexpr const char* kBatchKeys[] = {"labels",        "ce_offset",      "ce_len",    "teacher_features", "buffer_id",
-                                      "base_features", "teacher_logits", "kd_offset", "kd_len"};
+                                      "base_features", "teacher_logits", "kd_offset", "kd_len",
+                                      "mix_labels",    "mix_ce_offset",  "mix_ce_len", "mix_weight"};
 
 // The batch tensors the terms of `loss` read; a missing one (or a key not in kBatchKeys) is a
 // ValueError naming it.
@@ -58,7 +59,7 @@ StepBatch batch_for(const c10::Dict<std::string, at::Tensor>& batch, const StepL
     for (const char* k : kBatchKeys) known = known || item.key() == k;
     TORCH_CHECK_VALUE(known, "batch has an unknown key '", item.key(),
                       "' (known: labels, ce_offset, ce_len, teacher_features, buffer_id, base_features, "
-                      "teacher_logits, kd_offset, kd_len)");
+                      "teacher_logits, kd_offset, kd_len, mix_labels, mix_ce_offset, mix_ce_len, mix_weight)");
   }
   const auto get = [&](const char* key, const char* term, const char* coef_name, double coef) {
     const auto it = batch.find(key);
@@ -86,6 +87,18 @@ StepBatch batch_for(const c10::Dict<std::string, at::Tensor>& batch, const StepL
     b.teacher_logits = get("teacher_logits", "KD", "kd_coef", loss.kd_coef);
     b.kd_offset = get("kd_offset", "KD", "kd_coef", loss.kd_coef);
     b.kd_len = get("kd_len", "KD", "kd_coef", loss.kd_coef);
+  }
+  if (batch.contains("mix_labels") || batch.contains("mix_weight")) {
+    b.mix_labels = get("mix_labels", "mixed cross-entropy", nullptr, 0.0);
+    b.mix_ce_offset = get("mix_ce_offset", "mixed cross-entropy", nullptr, 0.0);
+    b.mix_ce_len = get("mix_ce_len", "mixed cross-entropy", nullptr, 0.0);
+    const at::Tensor w = get("mix_weight", "mixed cross-entropy", nullptr, 0.0);
+    TORCH_CHECK_VALUE(w.dim() == 0 && w.is_floating_point() && w.device().is_cpu(),
+                      "batch['mix_weight'] must be a 0-dim floating-point CPU tensor, got ", w.sizes(), " ",
+                      w.scalar_type());
+    b.mix_weight = w.item<double>();
+    TORCH_CHECK_VALUE(b.mix_weight >= 0.0 && b.mix_weight <= 1.0, "batch['mix_weight'] must be in [0, 1], got ",
+                      b.mix_weight);
   }
   return b;
 }
@@ -212,7 +225,8 @@ at::Tensor ResMLPTrainStep::step(at::Tensor x, c10::Dict<std::string, at::Tensor
                           b.ce_len.size(0) == labels.size(0) && L.ce_reduction == "sum" &&
                           (!b.base_features.defined() ||
                            (b.base_features.dim() >= 1 && b.base_features.size(0) == all.kk)) &&
-                          !b.teacher_features.defined() && !b.teacher_logits.defined();
+                          !b.teacher_features.defined() && !b.teacher_logits.defined() &&
+                          !b.mix_labels.defined();
   // (Anything else runs as one call over the stack, whose checks name the bad argument.)
   if (!splittable) {
     SliceGrads g = forward_backward(all, x, seeds, first_model, b, L);
@@ -260,10 +274,17 @@ SliceGrads ResMLPTrainStep::forward_backward(const Slice& s, const at::Tensor& x
   const at::Tensor rows = logits.view({-1, logits.size(-1)});
 
   at::Tensor loss, grad_logits, grad_features;
-  {
+  if (!b.mix_labels.defined()) {
     auto [l, g] = task_masked_cross_entropy_cpu(rows, b.labels, b.ce_offset, b.ce_len, L.ce_reduction, -100, true);
     loss = add_term(loss, l, L.ce_scale);
     add_grad(grad_logits, g, L.ce_scale);
+  } else {  // mixed inputs: w CE(labels) + (1 - w) CE(mix_labels), then scaled, as the autograd step
+    const double w = b.mix_weight;
+    auto [l1, g1] = task_masked_cross_entropy_cpu(rows, b.labels, b.ce_offset, b.ce_len, L.ce_reduction, -100, true);
+    auto [l2, g2] =
+        task_masked_cross_entropy_cpu(rows, b.mix_labels, b.mix_ce_offset, b.mix_ce_len, L.ce_reduction, -100, true);
+    loss = add_term(loss, add_term(at::mul(l1, w), l2, 1.0 - w), L.ce_scale);
+    add_grad(grad_logits, g1.mul_(w).add_(g2, 1.0 - w), L.ce_scale);
   }
   if (b.teacher_features.defined()) {
     auto [l, g, per] = batched_distillation_loss_cpu(features, b.teacher_features, b.buffer_id, L.num_buffers,

@@ -25,7 +25,10 @@ namespace bmc_fast::cpu {
 //   + stability_coef * stability_loss(features, base_features, "sum")
 //   + kd_coef * task_masked_kd_loss(logits, teacher_logits, kd_offset, kd_len, kd_temperature, "mean"),
 // logits [.., C] flattened to rows. A term whose coefficient is 0 is skipped, and its batch
-// tensors are not needed. The constructor checks every field (ValueError naming it).
+// tensors are not needed. The constructor checks every field (ValueError naming it). A batch of
+// mixed inputs (mixup: x = w x_a + (1 - w) x_b, made by the caller) brings the labels of x_b as
+// well (mix_labels, mix_ce_offset, mix_ce_len) and w (mix_weight): the CE term is then
+// w * CE(labels, ...) + (1 - w) * CE(mix_labels, ...), as the autograd step computes it.
 struct StepLoss : torch::CustomClassHolder {
   double ce_scale;
   std::string ce_reduction;  // "sum" or "mean"
@@ -59,6 +62,8 @@ struct StepBatch {
   at::Tensor teacher_features, buffer_id;   // distillation
   at::Tensor base_features;                 // stability
   at::Tensor teacher_logits, kd_offset, kd_len;  // KD
+  at::Tensor mix_labels, mix_ce_offset, mix_ce_len;  // mixup: the second inputs' CE (undefined: none)
+  double mix_weight = 1.0;                            // mixup: the weight of the first CE
 };
 
 struct ResMLPTrainStep : torch::CustomClassHolder {
@@ -81,7 +86,9 @@ struct ResMLPTrainStep : torch::CustomClassHolder {
   // One step on x ([B, I], or [K, B, I] for stacked models) with the tensors of `batch` that
   // `loss` reads: labels, ce_offset, ce_len (integer [rows]) always; teacher_features and
   // buffer_id for distillation; base_features for stability; teacher_logits, kd_offset and
-  // kd_len for KD. A missing one raises a ValueError naming it, an unknown key too. seeds: one
+  // kd_len for KD; mix_labels, mix_ce_offset, mix_ce_len and mix_weight (a 0-dim tensor) all
+  // four or none, for mixed inputs (see StepLoss). A missing one raises a ValueError naming it,
+  // an unknown key too. seeds: one
   // dropout seed per block; first_model: model k draws the dropout masks of model
   // first_model + k. momentum: the BatchNorm running-statistics momentum of this step.
   // adamw: (lr, beta1, beta2, weight_decay, eps); step_count: the AdamW step being taken (1 for
