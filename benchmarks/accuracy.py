@@ -13,6 +13,8 @@ between steps) and the same memory policy.
     python benchmarks/accuracy.py compare --streams digits --seeds 0 1     # a part of it
     python benchmarks/accuracy.py parity --public FILE   # parity against the authors' public code,
                                             # paired by seed, on the seeds FILE holds (see --public)
+    python benchmarks/accuracy.py parity --public-run CMD  # the public code run beside parity, one
+                                            # thread each: accuracy paired by seed and speed-up
 
 Each run merges its figures into this machine kind's results file (``benchmarks/results/``,
 sections ``accuracy_select``, ``accuracy_compare`` and ``accuracy_parity``) and re-renders RESULTS.md. Defaults are chosen from ``select`` (validation data only), never
@@ -87,10 +89,8 @@ def config(method: str, stream: str, seed: int, quick: bool = False, **overrides
     recipe = dict(RECIPES[stream])
     if quick:
         recipe.update(epochs=1, consolidation_epochs=1)
-    common = dict(recipe, seed=seed, progress=False, threads=None)
-    if method == "parity":
-        return BMCConfig.preset("parity", **common, **overrides)
-    return BMCConfig.preset("paper", **common, **overrides)
+    options = {**recipe, "seed": seed, "progress": False, "threads": None, **overrides}
+    return BMCConfig.preset("parity" if method == "parity" else "paper", **options)
 
 
 def run(method: str, stream_name: str, seed: int, validation: bool, quick: bool = False, options: dict | None = None,
@@ -175,22 +175,78 @@ def _load_public(p, path: str) -> dict:
     return out
 
 
+def _public_run(p, cmd: str, stream: str, seed: int) -> dict:
+    """One run of ``--public-run CMD`` on ``stream`` and ``seed``, one thread: its last stdout line,
+    a JSON object with "acc", "til" and "seconds"; anything else is a one-line argparse error."""
+    import shlex
+    import subprocess
+
+    argv = shlex.split(cmd) + ["--stream", stream, "--seed", str(seed), "--threads", "1"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        p.error(f"--public-run {cmd!r}: cannot run it ({exc})")
+    lines = done.stdout.strip().splitlines()
+    try:
+        if done.returncode:
+            raise ValueError(f"exit status {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}")
+        out = json.loads(lines[-1]) if lines else None
+        got = {k: float(out[k]) for k in ("acc", "til", "seconds")}
+        if not (0 <= got["acc"] <= 1 and 0 <= got["til"] <= 1 and got["seconds"] > 0):
+            raise ValueError(f"acc and til must be fractions in [0, 1] and seconds > 0, got {got}")
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        p.error(f"--public-run {cmd!r} on {stream} seed {seed}: expected a last line "
+                f'{{"acc": ..., "til": ..., "seconds": ...}} ({type(exc).__name__}: {exc})')
+    return got
+
+
 def _parity(p, args) -> int:
-    """``parity``: the parity preset on the public file's streams and seeds, paired by seed."""
+    """``parity``: the parity preset on the public code's streams and seeds, paired by seed: the
+    figures of ``--public FILE``, or ``--public-run CMD`` run beside each parity run, both on one
+    thread, alternating which goes first (then the speed-up is recorded too)."""
     _harness = _sibling("_harness")
-    public = {s: v for s, v in _load_public(p, args.public).items() if s in args.streams}
-    if not public:
-        p.error(f"--public {args.public} has none of the streams asked for ({', '.join(args.streams)})")
+    if args.public:
+        public = {s: v for s, v in _load_public(p, args.public).items() if s in args.streams}
+        if not public:
+            p.error(f"--public {args.public} has none of the streams asked for ({', '.join(args.streams)})")
+    else:
+        seeds = args.seeds or [0, 1, 2, 3, 4]
+        public = {s: {"seeds": seeds} for s in args.streams}
     table = {}
     for stream, pub in public.items():
-        ours = [run("parity", stream, s, False, args.quick)["cil"] for s in pub["seeds"]]
+        ours, times = [], {"public": [], "parity": []}
+        if args.public_run:
+            pub["values"] = []
+        for i, seed in enumerate(pub["seeds"]):
+            mine = lambda: run("parity", stream, seed, False, args.quick,  # noqa: E731
+                               **({"threads": 1} if args.public_run else {}))
+            if not args.public_run:
+                ours.append(mine()["cil"])
+                continue
+            if i % 2:
+                r, theirs = mine(), _public_run(p, args.public_run, stream, seed)
+            else:
+                theirs, r = _public_run(p, args.public_run, stream, seed), mine()
+            ours.append(r["cil"])
+            pub["values"].append(theirs["acc"])
+            times["public"].append(theirs["seconds"])
+            times["parity"].append(r["seconds"])
+            print(f"{stream:16s} seed {seed}: public code {theirs['acc']:.3f} in {theirs['seconds']:.1f} s, "
+                  f"parity {r['cil']:.3f} in {r['seconds']:.1f} s", flush=True)
         d = (np.array(ours) - np.array(pub["values"])) * 100
         se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
         table[stream] = {"seeds": pub["seeds"], "parity": _stats(ours), "public": _stats(pub["values"]),
                          "diff_points": float(d.mean()), "diff_se": se, "commit": _harness.git_commit()}
-        print(f"{stream:16s} parity {np.mean(ours):.3f}  public code {np.mean(pub['values']):.3f}  "
-              f"parity - public {d.mean():+.2f} ± {'-' if se is None else f'{se:.2f}'} points "
-              f"(standard error, {len(d)} seeds)", flush=True)
+        line = (f"{stream:16s} parity {np.mean(ours):.3f}  public code {np.mean(pub['values']):.3f}  "
+                f"parity - public {d.mean():+.2f} ± {'-' if se is None else f'{se:.2f}'} points "
+                f"(standard error, {len(d)} seeds)")
+        if args.public_run:
+            ratios = np.array(times["public"]) / np.array(times["parity"])
+            table[stream].update(seconds={k: _stats(v) for k, v in times.items()},
+                                 speedup=float(np.median(ratios)), speedup_range=[float(ratios.min()),
+                                                                                  float(ratios.max())])
+            line += f"; {np.median(ratios):.2f}x the public code's speed (median of paired runs, one thread)"
+        print(line, flush=True)
     if not (args.no_write or args.quick):
         import torch
 
@@ -212,11 +268,20 @@ def main(argv=None) -> int:
                         "and recipes: a JSON {stream: {\"values\": [final class-IL per seed], \"til_values\": "
                         "[...], \"seeds\": [...] (optional: 0, 1, ...)}}. compare: records them as the row "
                         "'public code (K = 1)' and trains nothing; parity: runs the parity preset on those seeds")
+    p.add_argument("--public-run", metavar="CMD",
+                   help="parity only: a command that runs the public code (outside this project) on one stream "
+                        "and seed, called as CMD --stream S --seed N --threads 1; its last stdout line must be "
+                        "a JSON {\"acc\": final class-IL, \"til\": final task-IL, \"seconds\": training and "
+                        "evaluation time}. Each seed runs it beside the parity preset, both on one thread: "
+                        "accuracy paired by seed and the speed-up")
     args = p.parse_args(argv)
+    if args.public_run and args.what != "parity":
+        p.error("--public-run runs the public code beside the parity preset: use it with parity")
     if args.what == "parity":
-        if not args.public:
-            p.error("parity needs --public FILE: the public code's figures to pair with")
-        if args.methods or args.seeds:
+        if bool(args.public) == bool(args.public_run):
+            p.error("parity needs one of --public FILE (the public code's figures) or --public-run CMD (the "
+                    "public code run beside it)")
+        if args.methods or (args.seeds and args.public):
             p.error("parity runs the parity preset on the seeds of --public FILE: no --methods or --seeds")
         return _parity(p, args)
     known = list(VARIANTS) + list(BASELINE_VARIANTS) if args.what == "select" else list(COMPARED)

@@ -283,16 +283,26 @@ def _accuracy(doc: dict) -> list:
             if timed:
                 out += _paired(run, streams)
     for run in doc.get("accuracy_parity", []):
+        timed = any("speedup" in r for r in run["streams"].values())
         out += ["", "### Parity with the authors' public code (`benchmarks/accuracy.py parity`)", "",
                 f"Final class-IL accuracy on the test splits, the `parity` preset and {run['public_code']} run on the "
-                f"same streams, seeds and recipes; the difference paired by seed, ± its standard error.", "",
-                "| stream | seeds | public code | parity | parity - public (points) | commit |",
-                "|---|---|---|---|---|---|"]
+                f"same streams, seeds and recipes; the difference paired by seed, ± its standard error."
+                + (" Times: training and evaluation seconds per run, both on one thread, run one beside the other "
+                   "(`--public-run`); the speed-up is the median of the paired ratios (their range in brackets)."
+                   if timed else ""), "",
+                "| stream | seeds | public code | parity | parity - public (points) |"
+                + (" public code s | parity s | speed-up |" if timed else "") + " commit |",
+                "|---|---|---|---|---|" + ("---|---|---|" if timed else "") + "---|"]
         for name, r in run["streams"].items():
             se = "-" if r.get("diff_se") is None else f"{r['diff_se']:.2f}"
+            speed = ""
+            if timed:
+                t = r.get("seconds")
+                speed = (f" {t['public']['mean']:.1f} | {t['parity']['mean']:.1f} | {r['speedup']:.2f}x "
+                         f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}) |" if t else " - | - | - |")
             out.append(f"| {name} | {len(r['seeds'])} | {r['public']['mean']:.3f} ± {r['public']['std']:.3f} | "
-                       f"{r['parity']['mean']:.3f} ± {r['parity']['std']:.3f} | {r['diff_points']:+.2f} ± {se} | "
-                       f"{r.get('commit', run['commit'])} |")
+                       f"{r['parity']['mean']:.3f} ± {r['parity']['std']:.3f} | {r['diff_points']:+.2f} ± {se} |"
+                       f"{speed} {r.get('commit', run['commit'])} |")
     return out
 
 

@@ -2,7 +2,6 @@
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -139,8 +138,52 @@ def test_accuracy_parity_pairs_with_the_public_figures(tmp_path, capsys):
     assert "1 seeds" in line
 
 
+def _fake_public(tmp_path, body: str) -> str:
+    """A stand-in for the public code's runner: a script printing ``body`` (a format string of
+    stream, seed and threads) last."""
+    script = tmp_path / "fake_public.py"
+    script.write_text("import argparse, sys\n"
+                      "p = argparse.ArgumentParser()\n"
+                      "p.add_argument('--stream'); p.add_argument('--seed', type=int); p.add_argument('--threads')\n"
+                      "a = p.parse_args()\n"
+                      "print('training...', file=sys.stderr)\n"
+                      f"print({body!r}.format(stream=a.stream, seed=a.seed, threads=a.threads))\n")
+    return f"{sys.executable} {script}"
+
+
+def test_accuracy_parity_runs_the_public_code_beside_it(tmp_path, capsys):
+    accuracy = _accuracy_module()
+    cmd = _fake_public(tmp_path, '{{"acc": 0.{seed}5, "til": 0.9, "seconds": 1e3, "threads": {threads}}}')
+    assert accuracy.main(["parity", "--quick", "--no-write", "--public-run", cmd, "--streams", "tabular-mix",
+                          "--seeds", "1", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    runs = [ln for ln in out if ln.startswith("tabular-mix") and " seed " in ln]
+    assert [ln.split("public code ")[1].split()[0] for ln in runs] == ["0.150", "0.250"]  # its acc, per seed
+    line = next(ln for ln in out if "the public code's speed" in ln)
+    speed = float(line.split("; ")[1].split("x")[0])
+    assert speed > 100  # 1,000 s a run for the stand-in, a few seconds for a quick parity run
+    assert "2 seeds" in line
+
+
+@pytest.mark.parametrize("body,text", [
+    ("no json", "expected a last line"),
+    ('{{"acc": 85, "til": 0.9, "seconds": 1}}', "fractions in [0, 1]"),
+    ('{{"acc": 0.5, "seconds": 1}}', "KeyError"),
+])
+def test_accuracy_parity_names_a_bad_public_run(tmp_path, capsys, body, text):
+    accuracy = _accuracy_module()
+    with pytest.raises(SystemExit) as exc:
+        accuracy.main(["parity", "--quick", "--no-write", "--public-run", _fake_public(tmp_path, body), "--streams",
+                       "digits", "--seeds", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and text in err[-1] and "--public-run" in err[-1] and "Traceback" not in "".join(err)
+
+
 @pytest.mark.parametrize("args,text", [
-    (["parity"], "parity needs --public FILE"),
+    (["parity"], "parity needs one of --public FILE"),
+    (["parity", "--public", "{short}", "--public-run", "x"], "parity needs one of --public FILE"),
+    (["compare", "--public-run", "x"], "use it with parity"),
+    (["parity", "--public-run", "/nonexistent/runner", "--streams", "digits", "--seeds", "0"], "cannot run it"),
     (["parity", "--public", "{bad}"], "--public {bad}: expected"),
     (["parity", "--public", "{short}"], "the same length"),
     (["parity", "--public", "{none}"], "no stream of the suite"),

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbone import ResMLP
+from ..backbone import ResMLP, inference_rows
 from . import seeding
 from .memory import Memory
 from .step import AutogradStep, FastPaths, LossSpec, describe
@@ -135,15 +135,20 @@ def _validation_loss(model, val_mem: Memory, spec: LossSpec, cfg, num_classes: i
     """The consolidation loss (no mixup) of the eval-mode model on the whole validation memory;
     with the "span" CE, whose classes depend on the batch, the unweighted mean of its losses on
     the batches of ``consolidation_batch_size`` rows taken in ``order``, the order the split drew
-    them (as the public code's unshuffled loader over its random split: batches mix the buffers)."""
+    them (as the public code's unshuffled loader over its random split: batches mix the buffers).
+    The model runs once over the whole memory, in chunks (eval mode: a row's outputs do not
+    depend on its batch); the losses are taken batch by batch from its outputs."""
     model.eval()
     device = torch.device(cfg.device)
-    evaluator = AutogradStep(lambda x, seeds=None, first_model=0: model(x), None, spec.replace(mixup_alpha=0.0),
-                             FastPaths.of(cfg).ops, "validation")
+    evaluator = AutogradStep(None, None, spec.replace(mixup_alpha=0.0), FastPaths.of(cfg).ops, "validation")
     span = cfg.consolidation_ce == "span"  # otherwise one pass over it all, where order does not matter
     size = cfg.consolidation_batch_size if span else len(val_mem)
+    raw = val_mem.batch(order if span and order is not None else torch.arange(len(val_mem)), num_classes, device)
+    outputs = [model(chunk) for chunk in raw["x"].split(inference_rows(device))]
+    logits, feats = torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
     losses = []
-    for idx in (order if span and order is not None else torch.arange(len(val_mem))).split(size):
-        raw = val_mem.batch(idx, num_classes, device)
-        losses.append(float(evaluator.loss_value(raw["x"], _step_batch(raw, cfg.consolidation_ce, seen), train=False)))
+    for start in range(0, len(val_mem), size):
+        rows = {k: v[start:start + size] for k, v in raw.items() if v is not None}
+        losses.append(float(evaluator.loss_of(logits[start:start + size], feats[start:start + size],
+                                              _step_batch(rows, cfg.consolidation_ce, seen))))
     return sum(losses) / len(losses)

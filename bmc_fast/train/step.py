@@ -245,10 +245,9 @@ class AutogradStep:
 
     def loss_value(self, x, batch, seeds=None, first_model=0, train: bool = True) -> torch.Tensor:
         """The loss of ``batch`` (with its graph); mixup only when ``train``."""
-        spec, L = self.loss, self.ops
-        y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
-        stacked = self.stacked
         if train and self.mixup is not None:
+            spec, L = self.loss, self.ops
+            y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
             x, batch = self.mixup(x, batch)
             lam = float(batch["mix_weight"])
             logits, _ = self.forward(x, seeds, first_model)
@@ -257,6 +256,13 @@ class AutogradStep:
                                             reduction=spec.ce_reduction)
             return _scaled(spec.ce_scale, ce)
         logits, feats = self.forward(x, seeds, first_model)
+        return self.loss_of(logits, feats, batch)
+
+    def loss_of(self, logits, feats, batch) -> torch.Tensor:
+        """The loss of ``batch`` given the model's outputs on its (unmixed) inputs."""
+        spec, L = self.loss, self.ops
+        y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
+        stacked = self.stacked
         rows = logits.reshape(-1, logits.shape[-1]) if stacked else logits
         loss = _scaled(spec.ce_scale, L.task_masked_cross_entropy(rows, y, off, ln, reduction=spec.ce_reduction))
         if spec.stability_coef:
