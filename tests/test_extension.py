@@ -118,11 +118,13 @@ def _churn(**env):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning is for glibc's malloc")
 def test_malloc_keeps_a_steps_memory_between_steps():
     # 50 x 64 KB and 4 x 1 MB taken and freed 50 times: with glibc's defaults the megabytes are
-    # handed back and faulted in again every time (~1,500 page faults a round); tuned, they stay.
-    mode, faults = _churn()
-    assert mode == "tuned" and faults < 2_000, faults
-    mode, faults = _churn(BMC_FAST_MALLOC="system")
-    assert mode == "system" and faults > 20_000, faults
+    # handed back and faulted in again; tuned, they stay.
+    mode, tuned = _churn()
+    assert mode == "tuned"
+    mode, system = _churn(BMC_FAST_MALLOC="system")
+    assert mode == "system"
+    # (glibc's default gives ~4,000 or ~74,000 here, as the heap happens to lie; tuned: 0)
+    assert tuned < 500 and system > 2_000, (tuned, system)
     assert _churn(MALLOC_TRIM_THRESHOLD_="131072")[0] == "system"  # the user's own setting is kept
     r = _run("import bmc_fast", BMC_FAST_MALLOC="jemalloc")
     assert r.returncode != 0 and "BMC_FAST_MALLOC must be 'tuned' or 'system', got 'jemalloc'" in r.stderr
