@@ -54,6 +54,10 @@ VARIANTS = {
     "stability coef 2": dict(stability_coef=2.0),
     "consolidation lr 0.01": dict(consolidation_lr=0.01),
     "+ KD on stored logits, coef 0.5": dict(kd_coef=0.5),
+    # Consolidation stopped by a validation split of the memory (never test data): the split
+    # alone (its LR on plateau), then with early stopping.
+    "validation 10% of the memory": dict(val_fraction=0.1),
+    "validation 10%, early stopping 3": dict(val_fraction=0.1, early_stopping=3),
 }
 # The baselines' choices, made on validation data like the paper preset's terms; every row names
 # all the options it sets (the defaults: er buffer="class", optimizer="stream"; derpp buffer="class",
