@@ -8,6 +8,8 @@ anonymous and file-backed memory of the run, sampled from /proc. Each T runs in 
     python benchmarks/bench_stream_scale.py --tasks 8 16     # some sizes
     python benchmarks/bench_stream_scale.py --full           # the paper's epochs (20 + 100), T = 71: long
     python benchmarks/bench_stream_scale.py --policy keep    # the default memory policy (default here: cap)
+    python benchmarks/bench_stream_scale.py --epochs 20 100 --early-stopping 3 --tasks 8   # paper epochs,
+                                                             # consolidation stopped on a validation split
 
 Under pytest (``make bench-quick``) a tiny stream checks that the script works.
 """
@@ -86,9 +88,10 @@ class _Peaks:
 
 
 def run_one(folder: str, n_tasks: int, epochs: int, consolidation_epochs: int, threads: int,
-            policy: str = "cap") -> dict:
+            policy: str = "cap", early_stopping: int = 0) -> dict:
     """BMC (K = 8, memory 10,000, ``memory_policy=policy``) on the first ``n_tasks`` tasks of
-    ``folder``, in this process."""
+    ``folder``, in this process. ``early_stopping`` > 0: 10% of every consolidation set held out
+    for validation, and a consolidation stops after that many epochs without improvement."""
     import torch
 
     from bmc_fast import BMC, BMCConfig
@@ -99,15 +102,19 @@ def run_one(folder: str, n_tasks: int, epochs: int, consolidation_epochs: int, t
     stream = TaskStream(load_features(folder).tasks[:n_tasks])
     # "cap": consolidation on the 10,000 samples of the storage budget; "keep" (the default) adds
     # the step's K new buffers in full: up to 90,000 samples here.
+    stop = dict(val_fraction=0.1, early_stopping=early_stopping) if early_stopping else {}
     cfg = BMCConfig(n_experts=8, epochs=epochs, consolidation_epochs=consolidation_epochs, memory_size=10_000,
-                    buffer_size=10_000, memory_policy=policy, progress=False)
+                    buffer_size=10_000, memory_policy=policy, progress=False, **stop)
+    runs = []  # epochs each consolidation ran
     t0 = time.perf_counter()
-    res = BMC(cfg).fit(stream)
+    res = BMC(cfg).fit(stream, events=lambda e: runs.append(e["epochs"]) if e["event"] == "consolidation_done"
+                       else None)
     total = time.perf_counter() - t0
     peaks.stop()
     return {"tasks": n_tasks, "classes": stream.num_classes, "total_s": total, "per_task_s": total / n_tasks,
             **{k: v for k, v in res.timings.items()}, "final_cil": res.final_cil_accuracy,
-            "peak_anon_mb": peaks.anon / 2**20, "peak_file_mb": peaks.file / 2**20}
+            "peak_anon_mb": peaks.anon / 2**20, "peak_file_mb": peaks.file / 2**20,
+            "consolidation_epochs_run": sum(runs) / max(1, len(runs))}
 
 
 def main(argv=None) -> int:
@@ -122,12 +129,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "out", "stream_scale.json"))
     p.add_argument("--policy", choices=["keep", "cap"], default="cap",
                    help="BMCConfig.memory_policy: 'keep' (the default of BMCConfig) or 'cap'")
+    p.add_argument("--epochs", type=int, nargs=2, metavar=("EXPERT", "CONSOLIDATION"),
+                   help="epochs of the experts and of consolidation (default 1 1; --full: 20 100)")
+    p.add_argument("--early-stopping", type=int, default=0, metavar="N",
+                   help="hold out 10%% of every consolidation set and stop after N epochs without improvement")
     p.add_argument("--one", nargs=4, metavar=("FOLDER", "T", "EPOCHS", "CEPOCHS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.early_stopping < 0:
+        p.error(f"--early-stopping must be >= 0, got {a.early_stopping}")
+    if a.epochs and min(a.epochs) < 1:
+        p.error(f"--epochs must be >= 1, got {a.epochs}")
     if a.one:
-        print(json.dumps(run_one(a.one[0], int(a.one[1]), int(a.one[2]), int(a.one[3]), a.threads, a.policy)))
+        print(json.dumps(run_one(a.one[0], int(a.one[1]), int(a.one[2]), int(a.one[3]), a.threads, a.policy,
+                                 a.early_stopping)))
         return 0
     tasks, (ep, cep) = ([71], (20, 100)) if a.full else (a.tasks, (1, 1))
+    if a.epochs:
+        ep, cep = a.epochs
     with tempfile.TemporaryDirectory() as tmp:
         folder = a.folder or tmp
         if not os.path.exists(os.path.join(folder, "index.json")):
@@ -137,23 +155,27 @@ def main(argv=None) -> int:
             print(f"wrote {max(tasks)} tasks to {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
         rows = []
         for t in tasks:
-            r = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--policy", a.policy, "--one",
-                                folder, str(t), str(ep), str(cep)], capture_output=True, text=True, check=True)
+            r = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--policy", a.policy,
+                                "--early-stopping", str(a.early_stopping), "--one", folder, str(t), str(ep), str(cep)],
+                               capture_output=True, text=True, check=True)
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(_table(rows[-1:], header=len(rows) == 1), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"epochs": [ep, cep], "threads": a.threads, "policy": a.policy, "rows": rows}, f, indent=1)
+        json.dump({"epochs": [ep, cep], "threads": a.threads, "policy": a.policy,
+                   "early_stopping": a.early_stopping, "rows": rows}, f, indent=1)
     if a.record:
         from bench_contention import _record
 
-        bench = ("full" if a.full else "1+1") + ("" if a.policy == "cap" else f", {a.policy}")
-        print(_record("stream_scale", {"bench": bench, "epochs": [ep, cep], "policy": a.policy, "rows": rows}))
+        bench = (f"{ep}+{cep}" + ("" if a.policy == "cap" else f", {a.policy}")
+                 + (f", early stopping {a.early_stopping}" if a.early_stopping else ""))
+        print(_record("stream_scale", {"bench": bench, "epochs": [ep, cep], "policy": a.policy,
+                                       "early_stopping": a.early_stopping, "rows": rows}))
     return 0
 
 
 COLUMNS = ["tasks", "classes", "experts_s", "buffers_s", "consolidation_s", "evaluation_s", "total_s", "per_task_s",
-           "peak_anon_mb", "peak_file_mb", "final_cil"]
+           "peak_anon_mb", "peak_file_mb", "final_cil", "consolidation_epochs_run"]
 
 
 def _table(rows, header=True) -> str:
@@ -169,6 +191,11 @@ def bench_stream_scale_script_runs(tmp_path):
     doc = json.loads(out.read_text())
     rows = doc["rows"]
     assert [r["tasks"] for r in rows] == [3, 5] and doc["policy"] == "keep"
+    assert main(["--tasks", "5", "--train", "120", "--test", "40", "--threads", "1", "--folder", str(tmp_path / "stream"),
+                 "--out", str(out), "--policy", "keep", "--epochs", "1", "6", "--early-stopping", "1"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["early_stopping"] == 1 and doc["epochs"] == [1, 6]
+    assert 2 <= doc["rows"][0]["consolidation_epochs_run"] <= 6  # stops after one epoch without improvement
     assert all(r["total_s"] > 0 and r["peak_anon_mb"] > 0 and 0 <= r["final_cil"] <= 1 for r in rows)
 
 

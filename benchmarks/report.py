@@ -338,13 +338,19 @@ def _stream_scale(doc: dict) -> list:
         out += ["", "### Stream scale (`benchmarks/bench_stream_scale.py`)", "",
                 f"Synthetic stream of 768-D float16 features (2-40 classes and uneven sizes per task), K = 8, memory "
                 f"10,000, memory policy {run.get('policy', 'cap')!r}, {ep[0]} expert + {ep[1]} consolidation epoch(s), "
-                f"{run['threads']} threads; "
-                f"commit {run['commit']}.", "",
+                f"{run['threads']} threads"
+                + (f", early stopping after {run['early_stopping']} epochs without improvement on 10% of each "
+                   f"consolidation set held out" if run.get("early_stopping") else "")
+                + f"; commit {run['commit']}.", "",
                 "| tasks | classes | experts s | buffers s | consolidation s | evaluation s | total s | s / task "
-                "| peak anon MB | peak file MB |", "|---|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['tasks']} | {r['classes']} | {r['experts_s']:.1f} | {r['buffers_s']:.1f} | "
-                f"{r['consolidation_s']:.1f} | {r['evaluation_s']:.1f} | {r['total_s']:.1f} | {r['per_task_s']:.2f} | "
-                f"{r['peak_anon_mb']:.0f} | {r['peak_file_mb']:.0f} |" for r in run["rows"]]
+                "| peak anon MB | peak file MB | final class-IL | consolidation epochs run (mean) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in run["rows"]:
+            epochs_run = f"{r['consolidation_epochs_run']:.1f}" if "consolidation_epochs_run" in r else "-"
+            out.append(f"| {r['tasks']} | {r['classes']} | {r['experts_s']:.1f} | {r['buffers_s']:.1f} | "
+                       f"{r['consolidation_s']:.1f} | {r['evaluation_s']:.1f} | {r['total_s']:.1f} | "
+                       f"{r['per_task_s']:.2f} | {r['peak_anon_mb']:.0f} | {r['peak_file_mb']:.0f} | "
+                       f"{r['final_cil']:.2f} | {epochs_run} |")
     return out
 
 
