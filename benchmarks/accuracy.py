@@ -246,7 +246,7 @@ def _parity(p, args) -> int:
                 f"(standard error, {len(d)} seeds)")
         if args.public_run:
             ratios = np.array(times["public"]) / np.array(times["parity"])
-            table[stream].update(seconds={k: _stats(v) for k, v in times.items()},
+            table[stream].update(seconds={k: _stats(v) for k, v in times.items()}, threads=1,
                                  speedup=float(np.median(ratios)), speedup_range=[float(ratios.min()),
                                                                                   float(ratios.max())])
             line += f"; {np.median(ratios):.2f}x the public code's speed (median of paired runs, one thread)"
@@ -254,8 +254,10 @@ def _parity(p, args) -> int:
     if not (args.no_write or args.quick):
         import torch
 
-        print(_record("parity", table, {"recipes": RECIPES, "split": "test", "torch": torch.__version__,
-                                        "public_code": "fostiropoulos/stream_benchmark d50b37a"}))
+        meta = {"recipes": RECIPES, "split": "test", "torch": torch.__version__, "public_code": args.public_code}
+        if args.public_run:
+            meta["public_run"] = args.public_run
+        print(_record("parity", table, meta))
     return 0
 
 
@@ -278,6 +280,8 @@ def main(argv=None) -> int:
                         "a JSON {\"acc\": final class-IL, \"til\": final task-IL, \"seconds\": training and "
                         "evaluation time}. Each seed runs it beside the parity preset, both on one thread: "
                         "accuracy paired by seed and the speed-up")
+    p.add_argument("--public-code", metavar="NAME", default="fostiropoulos/stream_benchmark d50b37a",
+                   help="what --public or --public-run holds or runs, as the results name it (default: %(default)s)")
     args = p.parse_args(argv)
     if args.public_run and args.what != "parity":
         p.error("--public-run runs the public code beside the parity preset: use it with parity")
@@ -303,7 +307,7 @@ def main(argv=None) -> int:
             p.error("--public records test-split figures: use it with compare or parity")
         table = {s: {PUBLIC: {"cil": _stats(v["values"]), "til": _stats(v["til_values"]), "seeds": v["seeds"]}}
                  for s, v in _load_public(p, args.public).items()}
-        print(_record("compare", table, {"public_code": "fostiropoulos/stream_benchmark d50b37a"}))
+        print(_record("compare", table, {"public_code": args.public_code}))
         return 0
     validation = args.what == "select"
     seeds = args.seeds or ([0, 1, 2] if validation else [0, 1, 2, 3, 4])

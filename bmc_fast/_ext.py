@@ -57,8 +57,8 @@ if not HAVE_EXTENSION:
 
 # glibc's malloc, by default, hands a training step's freed temporaries back to the system and
 # takes them again on the next step (page faults and zeroed pages: 15-30% of a CPU step at the
-# trainer's sizes). bmc_fast fixes its thresholds once, at import: up to 64 MB of free heap kept,
-# blocks under 16 MB from the heap. BMC_FAST_MALLOC=system leaves malloc as it is, as does any
+# trainer's sizes). bmc_fast fixes its thresholds once, at import: up to 64 MB free at the top of
+# each malloc arena kept, blocks under 16 MB from the heap. BMC_FAST_MALLOC=system leaves malloc as it is, as does any
 # setting of the user's for these thresholds (MALLOC_TRIM_THRESHOLD_ and the like, or their
 # glibc.malloc tunables). backend_info()["malloc"] says which.
 _MALLOC_TRIM_MB, _MALLOC_MMAP_MB = 64, 16
@@ -67,7 +67,9 @@ _MALLOC_TRIM_MB, _MALLOC_MMAP_MB = 64, 16
 def _malloc_mode() -> str:
     mode = os.environ.get("BMC_FAST_MALLOC", "tuned")
     if mode not in ("tuned", "system"):
-        raise ValueError(f"BMC_FAST_MALLOC must be 'tuned' or 'system', got {mode!r}")
+        warnings.warn(f"BMC_FAST_MALLOC must be 'tuned' or 'system', got {mode!r}: malloc is left as it is",
+                      RuntimeWarning, stacklevel=2)
+        return "system"
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     users = any(os.environ.get(f"MALLOC_{k.upper()}_") is not None or f"glibc.malloc.{k}" in tunables
                 for k in ("trim_threshold", "mmap_threshold", "top_pad", "mmap_max"))

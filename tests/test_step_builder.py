@@ -114,6 +114,11 @@ def test_mixup_with_stored_targets_is_refused():
                           mixup_generator=np.random.default_rng(0))
         assert step.kind == ("fused" if fused else "autograd") and step.mixup is not None
         assert torch.isfinite(step(x, b, [5, 6]))
+        with pytest.raises(ValueError, match=r"need batch\['ce_len'\]"):  # named, not a KeyError
+            step(x, {k: v for k, v in b.items() if k != "ce_len"}, [5, 6])
+    with pytest.raises(ValueError, match="a step of stacked models takes no mixup"):
+        build_step(m, adamw(m.parameters(), 1e-2, 0.0), spec, BMCConfig(progress=False), x, stacked=True,
+                   mixup_generator=np.random.default_rng(0))
 
 
 def test_kd_makes_the_buffers_keep_the_logits():

@@ -315,6 +315,7 @@ def test_mixed_cross_entropy_matches_autograd():
 @pytest.mark.parametrize("change, match", [
     (lambda b: b.pop("mix_ce_len"), r"need batch\['mix_ce_len'\] \(the mixed cross-entropy term\)"),
     (lambda b: b.pop("mix_labels"), r"need batch\['mix_labels'\]"),
+    (lambda b: [b.pop(k) for k in ("mix_labels", "mix_ce_len", "mix_weight")], r"need batch\['mix_labels'\]"),
     (lambda b: b.update(mix_weight=torch.tensor([0.5])), r"mix_weight'\] must be a 0-dim"),
     (lambda b: b.update(mix_weight=torch.tensor(1.5)), r"mix_weight'\] must be in \[0, 1\]"),
     (lambda b: b.update(mix_labels=torch.full((16,), 9)), "label"),

@@ -181,6 +181,8 @@ class FastPaths:
         chosen (None for "fused")."""
         if lists is None and forward is None and self.fused_model(model):
             lists = fused_args(model)
+        if loss.mixup_alpha > 0 and (stacked or (lists is not None and lists[0][0].dim() == 3)):
+            raise ValueError("mixup mixes the rows of one model's batch: a step of stacked models takes no mixup")
         reason = self.step_reason(loss)
         if reason is None:
             reason = unfused_reason(model, lists, optimizer, x) if lists is not None else \
@@ -221,11 +223,12 @@ class Mixup:
         return cls(loss.mixup_alpha, loss.mixup, generator)
 
     def __call__(self, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        y, off, ln = _need(batch, "labels"), _need(batch, "ce_offset"), _need(batch, "ce_len")
         a, g = self.alpha, self.generator
         lam = float(g.beta(a, a) if self.kind == "beta" else g.uniform(1 - a, 1))
         perm = torch.from_numpy(g.permutation(x.shape[0])).to(x.device)
-        mixed = dict(batch, mix_labels=batch["labels"][perm], mix_ce_offset=batch["ce_offset"][perm],
-                     mix_ce_len=batch["ce_len"][perm], mix_weight=torch.tensor(lam, dtype=torch.float64))
+        mixed = dict(batch, mix_labels=y[perm], mix_ce_offset=off[perm], mix_ce_len=ln[perm],
+                     mix_weight=torch.tensor(lam, dtype=torch.float64))
         return lam * x + (1 - lam) * x[perm], mixed
 
 
@@ -247,8 +250,8 @@ class AutogradStep:
         """The loss of ``batch`` (with its graph); mixup only when ``train``."""
         if train and self.mixup is not None:
             spec, L = self.loss, self.ops
-            y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
             x, batch = self.mixup(x, batch)
+            y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
             lam = float(batch["mix_weight"])
             logits, _ = self.forward(x, seeds, first_model)
             ce = lam * L.task_masked_cross_entropy(logits, y, off, ln, reduction=spec.ce_reduction) + (1 - lam) * \
@@ -261,7 +264,7 @@ class AutogradStep:
     def loss_of(self, logits, feats, batch) -> torch.Tensor:
         """The loss of ``batch`` given the model's outputs on its (unmixed) inputs."""
         spec, L = self.loss, self.ops
-        y, off, ln = batch["labels"], batch["ce_offset"], batch["ce_len"]
+        y, off, ln = _need(batch, "labels"), _need(batch, "ce_offset"), _need(batch, "ce_len")
         stacked = self.stacked
         rows = logits.reshape(-1, logits.shape[-1]) if stacked else logits
         loss = _scaled(spec.ce_scale, L.task_masked_cross_entropy(rows, y, off, ln, reduction=spec.ce_reduction))

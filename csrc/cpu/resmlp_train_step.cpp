@@ -88,7 +88,8 @@ StepBatch batch_for(const c10::Dict<std::string, at::Tensor>& batch, const StepL
     b.kd_offset = get("kd_offset", "KD", "kd_coef", loss.kd_coef);
     b.kd_len = get("kd_len", "KD", "kd_coef", loss.kd_coef);
   }
-  if (batch.contains("mix_labels") || batch.contains("mix_weight")) {
+  if (batch.contains("mix_labels") || batch.contains("mix_ce_offset") || batch.contains("mix_ce_len") ||
+      batch.contains("mix_weight")) {
     b.mix_labels = get("mix_labels", "mixed cross-entropy", nullptr, 0.0);
     b.mix_ce_offset = get("mix_ce_offset", "mixed cross-entropy", nullptr, 0.0);
     b.mix_ce_len = get("mix_ce_len", "mixed cross-entropy", nullptr, 0.0);
