@@ -198,6 +198,24 @@ def test_memory_quotas_and_balanced_sampler():
             assert torch.equal(before[tuple(x.tolist())], f)
 
 
+def test_memory_holds_its_samples_once():
+    # a packed memory's buffers are views of its tensors: the buffers' own copies are freed
+    bufs = [Buffer(torch.randn(n, 4, dtype=torch.float16), torch.full((n,), i), i, 1, torch.randn(n, 3), task=i)
+            for i, n in enumerate([30, 20])]
+    copies = [(b.x.clone(), b.y.clone(), b.features.clone()) for b in bufs]
+    mem = Memory().with_buffers(bufs)
+    assert mem.x.dtype == torch.float16
+    for b, (x, y, f), s in zip(mem.buffers, copies, mem.starts):
+        assert torch.equal(b.x, x) and torch.equal(b.y, y) and torch.equal(b.features, f)
+        for t, packed in ((b.x, mem.x), (b.y, mem.y), (b.features, mem.features)):
+            assert t.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+    old = mem.x.untyped_storage().data_ptr()
+    mem.cut(12, torch.Generator().manual_seed(0))  # repacked: no buffer keeps the old tensors alive
+    assert all(b.x.untyped_storage().data_ptr() == mem.x.untyped_storage().data_ptr() != old for b in mem.buffers)
+    again = Memory.from_state_dict(mem.state_dict())
+    assert torch.equal(again.x, mem.x) and torch.equal(again.features, mem.features)
+
+
 def test_memory_batch_lays_teacher_logits_over_the_full_head():
     bufs = [Buffer(torch.randn(n, 4), torch.full((n,), o), o, ln, torch.randn(n, 3), torch.randn(n, ln), task=i)
             for i, (n, o, ln) in enumerate([(5, 0, 2), (4, 2, 3)])]

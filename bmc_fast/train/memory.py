@@ -166,6 +166,13 @@ class Memory:
                 self.logits[s:s + len(b), :b.length] = b.logits
         else:
             self.logits = None
+        # Each buffer's rows become views of the packed tensors (same values and dtypes), so that
+        # its own copy is freed: the memory holds its samples once, not twice.
+        for b, s in zip(bs, self.starts):
+            rows = slice(s, s + len(b))
+            for name, packed in (("x", self.x), ("y", self.y), ("features", self.features)):
+                if getattr(b, name).dtype == packed.dtype:
+                    setattr(b, name, packed[rows])
 
     def __len__(self):
         return 0 if self.y is None else len(self.y)
