@@ -20,6 +20,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -51,6 +52,23 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& w) { return matmul_
 void add_input_grad(at::Tensor& acc, const at::Tensor& g, const at::Tensor& w) { matmul_nt_add_(acc, g, t_last(w)); }
 
 at::Tensor bias_grad(const at::Tensor& g) { return g.sum(g.dim() - 2); }
+
+// The head's input gradient sums over the classes. MKL sums a long product (a head of ~1,000
+// classes or more) in another order on one thread than inside a two-thread region, so the trained
+// model would depend on the thread count; summed in blocks of at most kMaxSum classes, in order,
+// it has the same bits on any.
+constexpr int64_t kMaxSum = 512;
+
+at::Tensor head_input_grad(const at::Tensor& g, const at::Tensor& w) {
+  const int64_t classes = w.size(-2);
+  if (classes <= kMaxSum) return input_grad(g, w);
+  at::Tensor out = input_grad(g.narrow(-1, 0, kMaxSum), w.narrow(-2, 0, kMaxSum));
+  for (int64_t c0 = kMaxSum; c0 < classes; c0 += kMaxSum) {
+    const int64_t n = std::min(kMaxSum, classes - c0);
+    add_input_grad(out, g.narrow(-1, c0, n), w.narrow(-2, c0, n));
+  }
+  return out;
+}
 
 // BMC_FAST_PAIR=0 turns run_pair off (every matmul then uses all threads, one after another).
 bool pairing_enabled() {
@@ -224,7 +242,7 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, at::Tensor> resmlp_backwa
   at::Tensor g;  // d loss / d (the current block's output)
   if (has_gl) {
     run_pair(stacked, [&] { gw[nw - 1] = weight_grad(*grad_logits, features); },
-             [&] { g = input_grad(*grad_logits, head); });
+             [&] { g = head_input_grad(*grad_logits, head); });
     gb[nw - 1] = bias_grad(*grad_logits);
     if (has_gf) g.add_(*grad_features);
   } else {
