@@ -191,8 +191,9 @@ def bench_stream_scale_script_runs(tmp_path):
     doc = json.loads(out.read_text())
     rows = doc["rows"]
     assert [r["tasks"] for r in rows] == [3, 5] and doc["policy"] == "keep"
-    assert main(["--tasks", "5", "--train", "120", "--test", "40", "--threads", "1", "--folder", str(tmp_path / "stream"),
-                 "--out", str(out), "--policy", "keep", "--epochs", "1", "6", "--early-stopping", "1"]) == 0
+    assert main(["--tasks", "5", "--train", "120", "--test", "40", "--threads", "1", "--folder",
+                 str(tmp_path / "stream"), "--out", str(out), "--policy", "keep", "--epochs", "1", "6",
+                 "--early-stopping", "1"]) == 0
     doc = json.loads(out.read_text())
     assert doc["early_stopping"] == 1 and doc["epochs"] == [1, 6]
     assert 2 <= doc["rows"][0]["consolidation_epochs_run"] <= 6  # stops after one epoch without improvement

@@ -11,7 +11,7 @@ from bmc_fast import BMCConfig
 from bmc_fast.data import demo_stream
 from bmc_fast.optim import AdamW
 from bmc_fast.train import baselines
-from bmc_fast.train.step import AutogradStep, FastPaths, LossSpec, adamw, backbone_mode, build_step, loss_ops
+from bmc_fast.train.step import FastPaths, LossSpec, adamw, backbone_mode, build_step, loss_ops
 
 
 def _model(c=6):
