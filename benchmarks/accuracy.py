@@ -204,6 +204,16 @@ def _public_run(p, cmd: str, stream: str, seed: int) -> dict:
     return got
 
 
+def _side_by_side(p, args, stream: str, seed: int, public_first: bool) -> tuple[dict, dict]:
+    """One seed of the parity preset and of ``--public-run``, one thread each, one after the
+    other in the order asked: (our run, theirs)."""
+    if public_first:
+        theirs = _public_run(p, args.public_run, stream, seed)
+        return run("parity", stream, seed, False, args.quick, threads=1), theirs
+    ours = run("parity", stream, seed, False, args.quick, threads=1)
+    return ours, _public_run(p, args.public_run, stream, seed)
+
+
 def _parity(p, args) -> int:
     """``parity``: the parity preset on the public code's streams and seeds, paired by seed: the
     figures of ``--public FILE``, or ``--public-run CMD`` run beside each parity run, both on one
@@ -222,15 +232,10 @@ def _parity(p, args) -> int:
         if args.public_run:
             pub["values"] = []
         for i, seed in enumerate(pub["seeds"]):
-            mine = lambda: run("parity", stream, seed, False, args.quick,  # noqa: E731
-                               **({"threads": 1} if args.public_run else {}))
             if not args.public_run:
-                ours.append(mine()["cil"])
+                ours.append(run("parity", stream, seed, False, args.quick)["cil"])
                 continue
-            if i % 2:
-                r, theirs = mine(), _public_run(p, args.public_run, stream, seed)
-            else:
-                theirs, r = _public_run(p, args.public_run, stream, seed), mine()
+            r, theirs = _side_by_side(p, args, stream, seed, public_first=i % 2 == 0)
             ours.append(r["cil"])
             pub["values"].append(theirs["acc"])
             times["public"].append(theirs["seconds"])

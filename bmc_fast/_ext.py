@@ -58,9 +58,9 @@ if not HAVE_EXTENSION:
 # glibc's malloc, by default, hands a training step's freed temporaries back to the system and
 # takes them again on the next step (page faults and zeroed pages: 15-30% of a CPU step at the
 # trainer's sizes). bmc_fast fixes its thresholds once, at import: up to 64 MB free at the top of
-# each malloc arena kept, blocks under 16 MB from the heap. BMC_FAST_MALLOC=system leaves malloc as it is, as does any
-# setting of the user's for these thresholds (MALLOC_TRIM_THRESHOLD_ and the like, or their
-# glibc.malloc tunables). backend_info()["malloc"] says which.
+# each malloc arena kept, blocks under 16 MB from the heap. BMC_FAST_MALLOC=system leaves malloc
+# as it is, as does any setting of the user's for these thresholds (MALLOC_TRIM_THRESHOLD_ and
+# the like, or their glibc.malloc tunables). backend_info()["malloc"] says which.
 _MALLOC_TRIM_MB, _MALLOC_MMAP_MB = 64, 16
 
 

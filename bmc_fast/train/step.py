@@ -204,7 +204,7 @@ def _scaled(coef: float, t: torch.Tensor) -> torch.Tensor:
 
 class Mixup:
     """The mixup of a step's training batches (:class:`LossSpec`'s ``mixup_alpha`` and ``mixup``):
-    ``mix(x, batch)`` draws the weight w and a permutation of the rows from the numpy Generator
+    ``mixup(x, batch)`` draws the weight w and a permutation of the rows from the numpy Generator
     (in that order) and returns ``w x + (1 - w) x[perm]`` with the batch plus the permuted rows'
     CE tensors (``mix_labels``, ``mix_ce_offset``, ``mix_ce_len``) and ``mix_weight`` (a 0-dim
     float64 tensor): the CE of the step is then ``w CE(labels) + (1 - w) CE(mix_labels)``. Both

@@ -8,8 +8,9 @@
 // normalisation + activation + dropout is the bn_relu_dropout kernel, called directly.
 //
 // Layout. x is [B, I] with weights [O, I] (one model) or [K, B, I] with weights [K, O, I] (K
-// stacked models); a block's inner width (fc1's output, bn1) may differ from its output width. weights/biases: proj, then (fc1, fc2, short) per block, then head; bn_*: (bn1,
-// bn2, bn_s) per block. saved: block b's input at 10 b, then its mask1, xhat1, invstd1, relu
+// stacked models); a block's inner width (fc1's output, bn1) may differ from its output width.
+// weights/biases: proj, then (fc1, fc2, short) per block, then head; bn_*: (bn1, bn2, bn_s) per
+// block. saved: block b's input at 10 b, then its mask1, xhat1, invstd1, relu
 // output r, mask2, xhat2, xhat_s, invstd2, invstd_s (10 b + 1 ... 10 b + 9); the last block's
 // output is `features`, passed to the backward separately.
 #include <ATen/Parallel.h>
