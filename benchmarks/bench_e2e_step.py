@@ -154,14 +154,36 @@ def _matmul_seconds(rows: int, backward: bool, nt=_mkl_nt, reps: int = 20) -> fl
     return statistics.median(times)
 
 
-def matmul_floor(stream_n: int = N, batch: int = 64, nt=_mkl_nt) -> dict:
+def _adamw_seconds(models: int, reps: int = 20) -> float:
+    """Median time of one float32 AdamW update (bmc_fast's kernel, alone) of ``models`` ResMLPs'
+    parameters: a pass over 28 bytes per parameter (read the parameter, gradient and two moments,
+    write three), bound by memory bandwidth, not arithmetic."""
+    n = models * sum(din * dout + dout for din, dout in LINEARS)
+    p, g, m, v = (torch.randn(n) for _ in range(4))
+    v.abs_()
+    op = torch.ops.bmc_fast.adamw_step
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        op([p], [g], [m], [v], 1e-3, 0.9, 0.999, 0.01, 1e-8, i + 1)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_floor(stream_n: int = N, batch: int = 64, nt=_mkl_nt, adamw: bool = False) -> dict:
     """The time the step's matrix products alone take in float32 on this machine, each phase
     with its matmuls at their most efficient size (the K experts' rows as one matrix), with the
-    products of ``nt``: no implementation of the step with those products can be faster."""
+    products of ``nt``: no implementation of the step with those products can be faster. With
+    ``adamw``, plus every step's AdamW update timed alone (K models per expert step, one per
+    consolidation step): the floor of any step that keeps float32 AdamW moments."""
     steps = -(-stream_n // batch)
     experts = steps * (_matmul_seconds(K * batch, True, nt) + _matmul_seconds(K * batch, False, nt))  # + base features
     buffers = K * stream_n / 4096 * _matmul_seconds(4096, False, nt, reps=5)
-    consolidation = -(-K * stream_n // batch) * _matmul_seconds(batch, True, nt)
+    consolidation_steps = -(-K * stream_n // batch)
+    consolidation = consolidation_steps * _matmul_seconds(batch, True, nt)
+    if adamw:
+        experts += steps * _adamw_seconds(K)
+        consolidation += consolidation_steps * _adamw_seconds(1)
     return {"experts_s": experts + buffers, "consolidation_s": consolidation,
             "total_s": experts + buffers + consolidation}
 
@@ -216,14 +238,18 @@ def _report(benchmark, machine, variants, med, floors=None):
     for r in rows:
         cols = " | ".join(r.get(k, "") for k in ("experts", "losses", "backbone", "adamw", "step", "base_features"))
         paired = f"{r['paired_speedup']:.2f}" if "paired_speedup" in r else ""
-        lines.append(f"| {r['variant']} | {cols} | {r['experts_s']:.2f} | {r['consolidation_s']:.2f} | {r['total_s']:.2f} "
-                     f"| {r['speedup']:.2f} ({r['speedup_experts']:.2f}, {r['speedup_consolidation']:.2f}) | {paired} |")
+        times = f"{r['experts_s']:.2f} | {r['consolidation_s']:.2f} | {r['total_s']:.2f}"
+        ratios = f"{r['speedup']:.2f} ({r['speedup_experts']:.2f}, {r['speedup_consolidation']:.2f})"
+        lines.append(f"| {r['variant']} | {cols} | {times} | {ratios} | {paired} |")
     if floors:
         lines += ["", "paired speed-up: the median over rounds of authors' total time / the variant's in the "
-                  "same round.", "", "matmul floor: only the step's float32 matrix products (forward and backward of every "
+                  "same round.", "",
+                  "matmul floor: only the step's float32 matrix products (forward and backward of every "
                   "expert step with the K experts' rows as one matrix, the base features, the buffers, the "
                   "consolidation steps), timed alone, with MKL's products (`torch.mm`, what the authors' script uses) "
-                  "and with oneDNN's: the speed-up no float32 implementation with those products can pass here."]
+                  "and with oneDNN's: the speed-up no float32 implementation with those products can pass here; "
+                  "matmul + AdamW floor: the MKL floor plus every step's float32 AdamW update timed alone (a pass "
+                  "over the parameters and moments, bound by memory bandwidth)."]
     print("\n" + "\n".join(lines))
     run = {"device": machine.device, "threads": machine.threads if machine.device == "cpu" else None,
            "rounds": REPS, "setting": setting, "rows": rows}
@@ -241,6 +267,7 @@ def bench_e2e_incremental_step(benchmark, machine):
     floors = {"matmul floor (MKL)": matmul_floor()}
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         floors["matmul floor (oneDNN)"] = matmul_floor(nt=_onednn_nt)
+    floors["matmul + AdamW floor (MKL)"] = matmul_floor(adamw=True)
     _report(benchmark, machine, VARIANTS, med, floors)
 
 
