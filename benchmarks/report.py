@@ -172,7 +172,9 @@ def _e2e(doc: dict) -> list:
         out += ["", "`authors` is the plain PyTorch script (sequential experts, `nn.Module` ResMLP, eager losses, "
                     "torch's default AdamW, the frozen base's features batch by batch); paired speed-up: the "
                     "median over rounds of its time over the variant's in the same round; matmul floor: the "
-                    "step's float32 matrix products alone, at their most efficient sizes."]
+                    "step's float32 matrix products alone, at their most efficient sizes; matmul + AdamW floor: "
+                    "those products plus every step's float32 AdamW update timed alone (bound by memory "
+                    "bandwidth), the floor of any step that keeps float32 moments."]
     return out
 
 
