@@ -145,6 +145,7 @@ def backend_info() -> dict:
         "cpu": True,
         "cpu_capability": _C.cpu_capability(),
         "cpu_matmul": _C.cpu_matmul(),
+        "cpu_blas_direct": _C.direct_blas(),
         "malloc": MALLOC,
         "cuda": _C.cuda_built(),
         "cuda_version": _C.cuda_version() or None,

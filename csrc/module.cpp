@@ -58,6 +58,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_capability", []() { return std::string(bmc_fast::cpu::cpu_capability()); });
   m.def("cpu_matmul", []() { return std::string(bmc_fast::cpu::onednn_matmul() ? "onednn" : "mkl"); });
   m.def("onednn_min_macs", &bmc_fast::cpu::onednn_min_macs);
+  m.def("direct_blas", &bmc_fast::cpu::direct_blas, "whether 2-D float32 products on MKL call sgemm directly");
+  m.def("set_direct_blas", &bmc_fast::cpu::set_direct_blas, "direct sgemm calls on or off; returns the previous");
   m.def("set_cpu_matmul", &bmc_fast::cpu::set_cpu_matmul, "'auto', 'onednn' or 'mkl': the float32 matmuls of the fused ResMLP");
   m.def("tune_malloc", &tune_malloc, "glibc malloc's trim and mmap thresholds, in MB (see bmc_fast/_ext.py)");
 }

@@ -104,7 +104,8 @@ churn()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(50):
     churn()
-print("MODE", bmc_fast.backend_info()["malloc"], "FAULTS", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print("MODE", bmc_fast.backend_info()["malloc"], "FAULTS", faults)
 """
 
 
@@ -123,8 +124,9 @@ def test_malloc_keeps_a_steps_memory_between_steps():
     assert mode == "tuned"
     mode, system = _churn(BMC_FAST_MALLOC="system")
     assert mode == "system"
-    # (glibc's default gives ~4,000 or ~74,000 here, as the heap happens to lie; tuned: 0)
-    assert tuned < 500 and system > 2_000, (tuned, system)
+    # (glibc's default gives ~1,300, ~4,000 or ~74,000 here, as the heap happens to lie; tuned:
+    # 0 or ~300)
+    assert tuned < 500 and system > 1_000 and system > 4 * tuned, (tuned, system)
     assert _churn(MALLOC_TRIM_THRESHOLD_="131072")[0] == "system"  # the user's own setting is kept
     r = _run("import bmc_fast; print(bmc_fast.backend_info()['malloc'])", BMC_FAST_MALLOC="jemalloc")
     assert r.returncode == 0 and r.stdout.split() == ["system"]

@@ -548,3 +548,52 @@ def test_a_bad_matmul_environment_variable_is_named(tmp_path):
     env = {**__import__("os").environ, "BMC_FAST_MATMUL": "fastest"}
     r = subprocess.run([sys.executable, "-c", "import bmc_fast"], env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "BMC_FAST_MATMUL" in r.stderr
+
+
+@pytest.fixture
+def direct_blas():
+    """Yields bmc_fast._C (direct sgemm calls on) and restores the setting afterwards."""
+    from bmc_fast import _C
+
+    old = _C.set_direct_blas(True)
+    yield _C
+    _C.set_direct_blas(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(64, 768, 128, 256, 40), (33, 17, 9, 30, 7), (2, 3, 4, 5, 1469)])
+def test_direct_blas_products_have_the_bits_of_at_mm(direct_blas, threads, shape):
+    # Two-dimensional float32 products call sgemm with at::mm's arguments (csrc/cpu/gemm.cpp):
+    # forward (bias or not), weight and input gradients, the head's blocked input gradient
+    # (accumulated) and narrowed views all give at::mm's bits, on one thread and two.
+    rows, d_in, inner, width, classes = shape
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = ResMLP(d_in, classes, width=width, inner=inner).train()
+        x = torch.randn(rows, d_in, requires_grad=True)
+        outs = []
+        for on in (True, False):
+            direct_blas.set_direct_blas(on)
+            assert direct_blas.direct_blas() is on
+            torch.manual_seed(1)  # the same dropout masks
+            logits, feats = model(x)
+            grads = torch.autograd.grad(logits.square().sum() + feats.sum(), [x, *model.parameters()])
+            outs.append((logits, feats, *grads))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_direct_blas_is_found_in_torch_cpu_wheel(direct_blas):
+    import platform
+
+    import bmc_fast
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("torch's x86 wheels carry MKL's sgemm; other builds may not")
+    assert bmc_fast.backend_info()["cpu_blas_direct"] is True
+    direct_blas.set_direct_blas(False)
+    assert bmc_fast.backend_info()["cpu_blas_direct"] is False

@@ -1,6 +1,7 @@
 // See gemm.h. Host code only (the DEFAULT build).
 #include "gemm.h"
 
+#include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
@@ -9,8 +10,11 @@
 #include <ATen/ops/mm.h>
 #include <c10/core/Scalar.h>
 #include <c10/util/Exception.h>
+#include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -59,8 +63,78 @@ bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == at::kFloat && macs >= kMinOnednnMacs && onednn_matmul();
 }
 
+// The BLAS sgemm (Fortran interface) that at::mm calls for float32 on the CPU, found in the
+// torch library that is loaded (MKL's in torch's wheels); null where there is none.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+
+SgemmFn blas_sgemm() {
+  static const SgemmFn fn = []() -> SgemmFn {
+    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    void* sym = lib != nullptr ? dlsym(lib, "sgemm_") : nullptr;
+    return reinterpret_cast<SgemmFn>(sym);
+  }();
+  return fn;
+}
+
+// The BLAS operand of a [rows, K] matrix t (t or t^T in column-major terms): 'N' with ld =
+// t.stride(0) when its rows are contiguous, 'T' with ld = t.stride(1) when its columns are;
+// 0 when neither (or a leading dimension BLAS would reject).
+char blas_op(const at::Tensor& t, int64_t* ld) {
+  if (t.stride(1) == 1 && t.stride(0) >= t.size(1)) {
+    *ld = t.stride(0);
+    return 'N';
+  }
+  if (t.stride(0) == 1 && t.stride(1) >= t.size(0)) {
+    *ld = t.stride(1);
+    return 'T';
+  }
+  return 0;
+}
+
+// c = a b^T + beta c through BLAS directly, for 2-D float32 CPU tensors with c row-major
+// contiguous: the call at::mm / at::addmm / addmm_ make for these layouts (the same arguments, so
+// the same bits), without their dispatch, views and checks, which at the trainer's 64 rows cost
+// a sizeable part of a small product. false (nothing written) where it does not apply: then the
+// caller takes at::mm's route. Sizes of 1 are left to at::mm, which special-cases them.
+std::atomic<bool> g_direct{true};  // set_direct_blas
+
+bool direct_nt(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, float beta) {
+  const SgemmFn sgemm = blas_sgemm();
+  // (A float32 precision of bf16 or tf32 set for oneDNN's matmuls sends at::mm to oneDNN.)
+  const at::Float32Precision reduced =
+      at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  if (sgemm == nullptr || !g_direct.load(std::memory_order_relaxed) || reduced == at::Float32Precision::BF16 ||
+      reduced == at::Float32Precision::TF32 || a.dim() != 2 || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat ||
+      a.is_conj() || b.is_conj()) {
+    return false;
+  }
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  if (M < 2 || N < 2 || K < 2 || std::max({M, N, K}) > INT_MAX / 2) return false;
+  // In column-major terms c^T [N, M] = b [N, K] a^T [K, M]: b's operand is the transpose of its
+  // row-major form, a's the row-major form itself.
+  int64_t lda = 0, ldb = 0;
+  const char op_a = blas_op(a, &lda), op_b = blas_op(b, &ldb);
+  if (op_a == 0 || op_b == 0 || std::max(lda, ldb) > INT_MAX) return false;
+  const char trans_b = op_b == 'N' ? 'T' : 'N';  // b's rows contiguous: b is its column-major view's transpose
+  const char trans_a = op_a;                     // a's rows contiguous: a^T is its column-major view
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int ld_b = static_cast<int>(ldb), ld_a = static_cast<int>(lda), ldc = static_cast<int>(N);
+  const float alpha = 1.0f;
+  sgemm(&trans_b, &trans_a, &m, &n, &k, &alpha, b.const_data_ptr<float>(), &ld_b, a.const_data_ptr<float>(), &ld_a,
+        &beta, c.mutable_data_ptr<float>(), &ldc);
+  return true;
+}
+
 at::Tensor mkl_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
-  if (a.dim() == 2) return bias != nullptr ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
+  if (a.dim() == 2) {
+    if (a.scalar_type() == at::kFloat && a.device().is_cpu()) {
+      at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
+      if (bias != nullptr) out.copy_(bias->expand_as(out));
+      if (direct_nt(a, b, out, bias != nullptr ? 1.0f : 0.0f)) return out;
+    }
+    return bias != nullptr ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
+  }
   return bias != nullptr ? at::baddbmm(bias->unsqueeze(1), a, b.transpose(1, 2)) : at::bmm(a, b.transpose(1, 2));
 }
 
@@ -83,6 +157,10 @@ bool onednn_matmul() {
 
 int64_t onednn_min_macs() { return kMinOnednnMacs; }
 
+bool direct_blas() { return blas_sgemm() != nullptr && g_direct.load(); }
+
+bool set_direct_blas(bool on) { return g_direct.exchange(on); }
+
 void set_cpu_matmul(const std::string& mode) { g_choice.store(decide(mode, "mode") ? 1 : 0); }
 
 at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
@@ -102,6 +180,9 @@ void matmul_nt_add_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   if (use_onednn(a, b)) {
     acc.add_(matmul_nt(a, b));
   } else if (a.dim() == 2) {
+    if (acc.is_contiguous() && acc.sizes() == at::IntArrayRef({a.size(0), b.size(0)}) && direct_nt(a, b, acc, 1.0f)) {
+      return;
+    }
     acc.addmm_(a, b.t());
   } else {
     acc.baddbmm_(a, b.transpose(1, 2));

@@ -1,5 +1,5 @@
-// The matrix products of the fused ResMLP (resmlp.cpp) on the CPU: MKL through at::mm / at::bmm,
-// or oneDNN's JIT kernels through torch's own mkldnn::_linear_pointwise op (gemm.cpp).
+// The matrix products of the fused ResMLP (resmlp.cpp) on the CPU: MKL (through BLAS's sgemm, or
+// at::mm / at::bmm), or oneDNN's JIT kernels through torch's own mkldnn::_linear_pointwise op (gemm.cpp).
 //
 // Why two: torch's CPU wheel does float32 matmuls with MKL, and MKL runs its AVX2 code on AMD
 // processors even where AVX-512 is there, while oneDNN picks its kernels by the instruction set.
