@@ -92,46 +92,55 @@ char blas_op(const at::Tensor& t, int64_t* ld) {
   return 0;
 }
 
-// c = a b^T + beta c through BLAS directly, for 2-D float32 CPU tensors with c row-major
-// contiguous: the call at::mm / at::addmm / addmm_ make for these layouts (the same arguments, so
-// the same bits), without their dispatch, views and checks, which at the trainer's 64 rows cost
-// a sizeable part of a small product. false (nothing written) where it does not apply: then the
-// caller takes at::mm's route. Sizes of 1 are left to at::mm, which special-cases them.
 std::atomic<bool> g_direct{true};  // set_direct_blas
 
-bool direct_nt(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, float beta) {
+// The sgemm call of c = a b^T + beta c, c [M, N] row-major contiguous: the call at::mm, at::addmm
+// and addmm_ make for these layouts (the same arguments, so the same bits), without their
+// dispatch, views and checks, which at the trainer's 64 rows cost a visible part of a product.
+struct DirectGemm {
+  SgemmFn sgemm;
+  char trans_b, trans_a;
+  int m, n, k, ld_b, ld_a;
+};
+
+// The direct call for a [M, K] and b [N, K], 2-D float32; none where it does not apply (then
+// at::mm's route): sizes of 1 (at::mm special-cases them), other layouts, no sgemm, the direct
+// calls turned off, or a reduced float32 precision set for oneDNN's matmuls (which sends at::mm
+// to oneDNN).
+std::optional<DirectGemm> direct_plan(const at::Tensor& a, const at::Tensor& b) {
   const SgemmFn sgemm = blas_sgemm();
-  // (A float32 precision of bf16 or tf32 set for oneDNN's matmuls sends at::mm to oneDNN.)
+  if (sgemm == nullptr || !g_direct.load(std::memory_order_relaxed) || a.dim() != 2 || b.dim() != 2 ||
+      a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || a.is_conj() || b.is_conj()) {
+    return std::nullopt;
+  }
   const at::Float32Precision reduced =
       at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
-  if (sgemm == nullptr || !g_direct.load(std::memory_order_relaxed) || reduced == at::Float32Precision::BF16 ||
-      reduced == at::Float32Precision::TF32 || a.dim() != 2 || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat ||
-      a.is_conj() || b.is_conj()) {
-    return false;
-  }
+  if (reduced == at::Float32Precision::BF16 || reduced == at::Float32Precision::TF32) return std::nullopt;
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
-  if (M < 2 || N < 2 || K < 2 || std::max({M, N, K}) > INT_MAX / 2) return false;
-  // In column-major terms c^T [N, M] = b [N, K] a^T [K, M]: b's operand is the transpose of its
-  // row-major form, a's the row-major form itself.
+  if (M < 2 || N < 2 || K < 2 || std::max({M, N, K}) > INT_MAX / 2) return std::nullopt;
   int64_t lda = 0, ldb = 0;
   const char op_a = blas_op(a, &lda), op_b = blas_op(b, &ldb);
-  if (op_a == 0 || op_b == 0 || std::max(lda, ldb) > INT_MAX) return false;
-  const char trans_b = op_b == 'N' ? 'T' : 'N';  // b's rows contiguous: b is its column-major view's transpose
-  const char trans_a = op_a;                     // a's rows contiguous: a^T is its column-major view
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int ld_b = static_cast<int>(ldb), ld_a = static_cast<int>(lda), ldc = static_cast<int>(N);
+  if (op_a == 0 || op_b == 0 || std::max(lda, ldb) > INT_MAX) return std::nullopt;
+  // In column-major terms c^T [N, M] = b [N, K] a^T [K, M]. A row-major operand is its
+  // column-major transpose: a^T is a's as it lies ('N'), b is b's transposed ('T').
+  return DirectGemm{sgemm, op_b == 'N' ? 'T' : 'N', op_a, static_cast<int>(N), static_cast<int>(M),
+                    static_cast<int>(K), static_cast<int>(ldb), static_cast<int>(lda)};
+}
+
+void direct_nt(const DirectGemm& g, const at::Tensor& a, const at::Tensor& b, at::Tensor& c, float beta) {
   const float alpha = 1.0f;
-  sgemm(&trans_b, &trans_a, &m, &n, &k, &alpha, b.const_data_ptr<float>(), &ld_b, a.const_data_ptr<float>(), &ld_a,
-        &beta, c.mutable_data_ptr<float>(), &ldc);
-  return true;
+  const int ldc = g.m;
+  g.sgemm(&g.trans_b, &g.trans_a, &g.m, &g.n, &g.k, &alpha, b.const_data_ptr<float>(), &g.ld_b,
+          a.const_data_ptr<float>(), &g.ld_a, &beta, c.mutable_data_ptr<float>(), &ldc);
 }
 
 at::Tensor mkl_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
   if (a.dim() == 2) {
-    if (a.scalar_type() == at::kFloat && a.device().is_cpu()) {
+    if (const auto plan = direct_plan(a, b)) {
       at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
       if (bias != nullptr) out.copy_(bias->expand_as(out));
-      if (direct_nt(a, b, out, bias != nullptr ? 1.0f : 0.0f)) return out;
+      direct_nt(*plan, a, b, out, bias != nullptr ? 1.0f : 0.0f);
+      return out;
     }
     return bias != nullptr ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
   }
@@ -180,7 +189,9 @@ void matmul_nt_add_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   if (use_onednn(a, b)) {
     acc.add_(matmul_nt(a, b));
   } else if (a.dim() == 2) {
-    if (acc.is_contiguous() && acc.sizes() == at::IntArrayRef({a.size(0), b.size(0)}) && direct_nt(a, b, acc, 1.0f)) {
+    const auto plan = direct_plan(a, b);
+    if (plan && acc.is_contiguous() && acc.sizes() == at::IntArrayRef({a.size(0), b.size(0)})) {
+      direct_nt(*plan, a, b, acc, 1.0f);
       return;
     }
     acc.addmm_(a, b.t());
