@@ -597,3 +597,25 @@ def test_direct_blas_is_found_in_torch_cpu_wheel(direct_blas):
     assert bmc_fast.backend_info()["cpu_blas_direct"] is True
     direct_blas.set_direct_blas(False)
     assert bmc_fast.backend_info()["cpu_blas_direct"] is False
+
+
+def test_direct_blas_probe_leaves_the_generator_and_the_switch_alone():
+    # The direct calls are checked against at::mm once, on first use (csrc/cpu/gemm.cpp): on fixed
+    # inputs, so torch's generator is untouched, and whatever the switch says at that moment.
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from bmc_fast import _C
+torch.manual_seed(0); before = torch.rand(4)
+_C.set_direct_blas(False)
+torch.manual_seed(0); found = _C.direct_blas(); after = torch.rand(4)
+_C.set_direct_blas(True)
+print(torch.equal(before, after), found, _C.direct_blas())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    same, found_while_off, on = r.stdout.split()
+    assert same == "True" and found_while_off == "False"
+    assert on == str(__import__("bmc_fast").backend_info()["cpu_blas_direct"])

@@ -2,11 +2,14 @@
 #include "gemm.h"
 
 #include <ATen/Context.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/equal.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/Scalar.h>
 #include <c10/util/Exception.h>
@@ -19,6 +22,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 namespace bmc_fast::cpu {
 
@@ -63,16 +67,29 @@ bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == at::kFloat && macs >= kMinOnednnMacs && onednn_matmul();
 }
 
-// The BLAS sgemm (Fortran interface) that at::mm calls for float32 on the CPU, found in the
-// torch library that is loaded (MKL's in torch's wheels); null where there is none.
 using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
 
+bool probe_matches_at_mm(SgemmFn sgemm);
+
+// The BLAS sgemm (Fortran interface) that at::mm calls for float32 on the CPU: the one the
+// dynamic linker gives torch's own call (the global scope first, so a preloaded BLAS too), else
+// the one in the loaded libtorch_cpu (MKL's in torch's wheels). Null where there is none, off
+// x86 (on aarch64 at::mm sends some float32 products to oneDNN/ACL), or where a first probe finds
+// other bits than at::mm's.
 SgemmFn blas_sgemm() {
   static const SgemmFn fn = []() -> SgemmFn {
-    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-    void* sym = lib != nullptr ? dlsym(lib, "sgemm_") : nullptr;
-    return reinterpret_cast<SgemmFn>(sym);
+#if defined(__x86_64__) || defined(_M_X64)
+    void* sym = dlsym(RTLD_DEFAULT, "sgemm_");
+    if (sym == nullptr) {
+      void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+      sym = lib != nullptr ? dlsym(lib, "sgemm_") : nullptr;
+    }
+    const auto f = reinterpret_cast<SgemmFn>(sym);
+    return f != nullptr && probe_matches_at_mm(f) ? f : nullptr;
+#else
+    return nullptr;
+#endif
   }();
   return fn;
 }
@@ -104,13 +121,12 @@ struct DirectGemm {
 };
 
 // The direct call for a [M, K] and b [N, K], 2-D float32; none where it does not apply (then
-// at::mm's route): sizes of 1 (at::mm special-cases them), other layouts, no sgemm, the direct
-// calls turned off, or a reduced float32 precision set for oneDNN's matmuls (which sends at::mm
-// to oneDNN).
-std::optional<DirectGemm> direct_plan(const at::Tensor& a, const at::Tensor& b) {
-  const SgemmFn sgemm = blas_sgemm();
-  if (sgemm == nullptr || !g_direct.load(std::memory_order_relaxed) || a.dim() != 2 || b.dim() != 2 ||
-      a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || a.is_conj() || b.is_conj()) {
+// at::mm's route): sizes of 1 (at::mm special-cases them), other layouts, no sgemm, or a reduced
+// float32 precision set for oneDNN's matmuls (which sends at::mm to oneDNN; set before the
+// first product, it also fails the probe below and keeps the direct calls off).
+std::optional<DirectGemm> direct_plan(const at::Tensor& a, const at::Tensor& b, SgemmFn sgemm) {
+  if (sgemm == nullptr || a.dim() != 2 || b.dim() != 2 || a.scalar_type() != at::kFloat ||
+      b.scalar_type() != at::kFloat || a.is_neg() || b.is_neg()) {
     return std::nullopt;
   }
   const at::Float32Precision reduced =
@@ -134,9 +150,46 @@ void direct_nt(const DirectGemm& g, const at::Tensor& a, const at::Tensor& b, at
           a.const_data_ptr<float>(), &g.ld_a, &beta, c.mutable_data_ptr<float>(), &ldc);
 }
 
+// The trainer's layouts through `sgemm` and through at::mm / addmm / addmm_, on fixed inputs
+// (torch's random generator is left alone): whether every result has the same bits. A torch
+// whose at::mm takes another route (another BLAS than the one found, a build without BLAS) fails
+// it, and the direct calls stay off.
+bool probe_matches_at_mm(SgemmFn sgemm) {
+  const at::NoGradGuard no_grad;
+  const auto values = [](int64_t rows, int64_t cols, double phase) {
+    return at::arange(rows * cols, at::TensorOptions().dtype(at::kFloat)).mul_(0.37).add_(phase).sin_().view(
+        {rows, cols});
+  };
+  const at::Tensor x = values(9, 24, 0.1), w = values(12, 24, 0.2), g = values(9, 12, 0.3), bias = values(1, 12, 0.4);
+  const at::Tensor wide = values(9, 30, 0.5), w2 = values(20, 24, 0.6);
+  // (a, b) of c = a b^T: forward, weight gradient g^T x, input gradient g W, narrowed views.
+  const std::pair<at::Tensor, at::Tensor> cases[] = {
+      {x, w}, {g.t(), x.t()}, {g, w.t()}, {wide.narrow(1, 3, 20), w2.t()}};
+  for (const auto& [a, b] : cases) {
+    const auto plan = direct_plan(a, b, sgemm);
+    if (!plan) return false;
+    at::Tensor c = at::empty({a.size(0), b.size(0)}, a.options());
+    direct_nt(*plan, a, b, c, 0.0f);
+    if (!at::equal(c, at::mm(a, b.t()))) return false;
+    at::Tensor acc = c.clone();
+    direct_nt(*plan, a, b, acc, 1.0f);
+    if (!at::equal(acc, c.clone().addmm_(a, b.t()))) return false;
+  }
+  at::Tensor out = at::empty({9, 12}, x.options());
+  out.copy_(bias.view({12}).expand_as(out));
+  direct_nt(*direct_plan(x, w, sgemm), x, w, out, 1.0f);
+  return at::equal(out, at::addmm(bias.view({12}), x, w.t()));
+}
+
+// The direct call of a b^T unless set_direct_blas turned them off.
+std::optional<DirectGemm> direct_for(const at::Tensor& a, const at::Tensor& b) {
+  if (!g_direct.load(std::memory_order_relaxed)) return std::nullopt;
+  return direct_plan(a, b, blas_sgemm());
+}
+
 at::Tensor mkl_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
   if (a.dim() == 2) {
-    if (const auto plan = direct_plan(a, b)) {
+    if (const auto plan = direct_for(a, b)) {
       at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
       if (bias != nullptr) out.copy_(bias->expand_as(out));
       direct_nt(*plan, a, b, out, bias != nullptr ? 1.0f : 0.0f);
@@ -189,7 +242,7 @@ void matmul_nt_add_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   if (use_onednn(a, b)) {
     acc.add_(matmul_nt(a, b));
   } else if (a.dim() == 2) {
-    const auto plan = direct_plan(a, b);
+    const auto plan = direct_for(a, b);
     if (plan && acc.is_contiguous() && acc.sizes() == at::IntArrayRef({a.size(0), b.size(0)})) {
       direct_nt(*plan, a, b, acc, 1.0f);
       return;
