@@ -170,22 +170,30 @@ def _adamw_seconds(models: int, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def matmul_floor(stream_n: int = N, batch: int = 64, nt=_mkl_nt, adamw: bool = False) -> dict:
+def _steps(stream_n: int, batch: int) -> tuple[int, int]:
+    """Training steps of the expert phase (each on the K experts) and of consolidation."""
+    return -(-stream_n // batch), -(-K * stream_n // batch)
+
+
+def matmul_floor(stream_n: int = N, batch: int = 64, nt=_mkl_nt) -> dict:
     """The time the step's matrix products alone take in float32 on this machine, each phase
     with its matmuls at their most efficient size (the K experts' rows as one matrix), with the
-    products of ``nt``: no implementation of the step with those products can be faster. With
-    ``adamw``, plus every step's AdamW update timed alone (K models per expert step, one per
-    consolidation step): the floor of any step that keeps float32 AdamW moments."""
-    steps = -(-stream_n // batch)
+    products of ``nt``: no implementation of the step with those products can be faster."""
+    steps, consolidation_steps = _steps(stream_n, batch)
     experts = steps * (_matmul_seconds(K * batch, True, nt) + _matmul_seconds(K * batch, False, nt))  # + base features
     buffers = K * stream_n / 4096 * _matmul_seconds(4096, False, nt, reps=5)
-    consolidation_steps = -(-K * stream_n // batch)
     consolidation = consolidation_steps * _matmul_seconds(batch, True, nt)
-    if adamw:
-        experts += steps * _adamw_seconds(K)
-        consolidation += consolidation_steps * _adamw_seconds(1)
     return {"experts_s": experts + buffers, "consolidation_s": consolidation,
             "total_s": experts + buffers + consolidation}
+
+
+def with_adamw(floor: dict, stream_n: int = N, batch: int = 64) -> dict:
+    """``floor`` plus every step's AdamW update timed alone (K models per expert step, one per
+    consolidation step): the floor of any step that keeps float32 AdamW moments."""
+    steps, consolidation_steps = _steps(stream_n, batch)
+    experts = floor["experts_s"] + steps * _adamw_seconds(K)
+    consolidation = floor["consolidation_s"] + consolidation_steps * _adamw_seconds(1)
+    return {"experts_s": experts, "consolidation_s": consolidation, "total_s": experts + consolidation}
 
 
 def _run_variants(stream, variants, device):
@@ -267,7 +275,7 @@ def bench_e2e_incremental_step(benchmark, machine):
     floors = {"matmul floor (MKL)": matmul_floor()}
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         floors["matmul floor (oneDNN)"] = matmul_floor(nt=_onednn_nt)
-    floors["matmul + AdamW floor (MKL)"] = matmul_floor(adamw=True)
+    floors["matmul + AdamW floor (MKL)"] = with_adamw(floors["matmul floor (MKL)"])
     _report(benchmark, machine, VARIANTS, med, floors)
 
 

@@ -70,30 +70,6 @@ bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
 using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
 
-bool probe_matches_at_mm(SgemmFn sgemm);
-
-// The BLAS sgemm (Fortran interface) that at::mm calls for float32 on the CPU: the one the
-// dynamic linker gives torch's own call (the global scope first, so a preloaded BLAS too), else
-// the one in the loaded libtorch_cpu (MKL's in torch's wheels). Null where there is none, off
-// x86 (on aarch64 at::mm sends some float32 products to oneDNN/ACL), or where a first probe finds
-// other bits than at::mm's.
-SgemmFn blas_sgemm() {
-  static const SgemmFn fn = []() -> SgemmFn {
-#if defined(__x86_64__) || defined(_M_X64)
-    void* sym = dlsym(RTLD_DEFAULT, "sgemm_");
-    if (sym == nullptr) {
-      void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-      sym = lib != nullptr ? dlsym(lib, "sgemm_") : nullptr;
-    }
-    const auto f = reinterpret_cast<SgemmFn>(sym);
-    return f != nullptr && probe_matches_at_mm(f) ? f : nullptr;
-#else
-    return nullptr;
-#endif
-  }();
-  return fn;
-}
-
 // The BLAS operand of a [rows, K] matrix t (t or t^T in column-major terms): 'N' with ld =
 // t.stride(0) when its rows are contiguous, 'T' with ld = t.stride(1) when its columns are;
 // 0 when neither (or a leading dimension BLAS would reject).
@@ -150,6 +126,15 @@ void direct_nt(const DirectGemm& g, const at::Tensor& a, const at::Tensor& b, at
           a.const_data_ptr<float>(), &g.ld_a, &beta, c.mutable_data_ptr<float>(), &ldc);
 }
 
+// a b^T (+ bias) into a new tensor through the direct call, as at::mm (at::addmm: the bias
+// copied into the output, then beta = 1).
+at::Tensor direct_product(const DirectGemm& g, const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
+  at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
+  if (bias != nullptr) out.copy_(bias->expand_as(out));
+  direct_nt(g, a, b, out, bias != nullptr ? 1.0f : 0.0f);
+  return out;
+}
+
 // The trainer's layouts through `sgemm` and through at::mm / addmm / addmm_, on fixed inputs
 // (torch's random generator is left alone): whether every result has the same bits. A torch
 // whose at::mm takes another route (another BLAS than the one found, a build without BLAS) fails
@@ -168,17 +153,36 @@ bool probe_matches_at_mm(SgemmFn sgemm) {
   for (const auto& [a, b] : cases) {
     const auto plan = direct_plan(a, b, sgemm);
     if (!plan) return false;
-    at::Tensor c = at::empty({a.size(0), b.size(0)}, a.options());
-    direct_nt(*plan, a, b, c, 0.0f);
+    const at::Tensor c = direct_product(*plan, a, b, nullptr);
     if (!at::equal(c, at::mm(a, b.t()))) return false;
     at::Tensor acc = c.clone();
     direct_nt(*plan, a, b, acc, 1.0f);
     if (!at::equal(acc, c.clone().addmm_(a, b.t()))) return false;
   }
-  at::Tensor out = at::empty({9, 12}, x.options());
-  out.copy_(bias.view({12}).expand_as(out));
-  direct_nt(*direct_plan(x, w, sgemm), x, w, out, 1.0f);
-  return at::equal(out, at::addmm(bias.view({12}), x, w.t()));
+  const at::Tensor b1 = bias.view({12});
+  return at::equal(direct_product(*direct_plan(x, w, sgemm), x, w, &b1), at::addmm(b1, x, w.t()));
+}
+
+// The BLAS sgemm (Fortran interface) that at::mm calls for float32 on the CPU: the one the
+// dynamic linker gives torch's own call (the global scope first, so a preloaded BLAS too), else
+// the one in the loaded libtorch_cpu (MKL's in torch's wheels). Null where there is none, off
+// x86 (on aarch64 at::mm sends some float32 products to oneDNN/ACL), or where a first probe finds
+// other bits than at::mm's.
+SgemmFn blas_sgemm() {
+  static const SgemmFn fn = []() -> SgemmFn {
+#if defined(__x86_64__) || defined(_M_X64)
+    void* sym = dlsym(RTLD_DEFAULT, "sgemm_");
+    if (sym == nullptr) {
+      void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+      sym = lib != nullptr ? dlsym(lib, "sgemm_") : nullptr;
+    }
+    const auto f = reinterpret_cast<SgemmFn>(sym);
+    return f != nullptr && probe_matches_at_mm(f) ? f : nullptr;
+#else
+    return nullptr;
+#endif
+  }();
+  return fn;
 }
 
 // The direct call of a b^T unless set_direct_blas turned them off.
@@ -189,12 +193,7 @@ std::optional<DirectGemm> direct_for(const at::Tensor& a, const at::Tensor& b) {
 
 at::Tensor mkl_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
   if (a.dim() == 2) {
-    if (const auto plan = direct_for(a, b)) {
-      at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
-      if (bias != nullptr) out.copy_(bias->expand_as(out));
-      direct_nt(*plan, a, b, out, bias != nullptr ? 1.0f : 0.0f);
-      return out;
-    }
+    if (const auto plan = direct_for(a, b)) return direct_product(*plan, a, b, bias);
     return bias != nullptr ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
   }
   return bias != nullptr ? at::baddbmm(bias->unsqueeze(1), a, b.transpose(1, 2)) : at::bmm(a, b.transpose(1, 2));

@@ -197,7 +197,8 @@ std::tuple<at::Tensor, at::Tensor, TensorVec, TensorVec, TensorVec> resmlp_forwa
     const at::Tensor a2 = linear(r, weights[i + 1], nullptr);
     auto [out, mask2, xhat2, invstd2, mean2, var2] =
         bn_relu_dropout_cpu_at({a2, as}, {bn_weights[j + 1], bn_weights[j + 2]}, {bn_biases[j + 1], bn_biases[j + 2]},
-                               {biases[i + 1], biases[i + 2]}, eps, p[b], seeds[b], first_model * a2.size(-2) * a2.size(-1));
+                               {biases[i + 1], biases[i + 2]}, eps, p[b], seeds[b],
+                               first_model * a2.size(-2) * a2.size(-1));
     saved.insert(saved.end(), {mask1, xhat1[0], invstd1[0], r, mask2, xhat2[0], xhat2[1], invstd2[0], invstd2[1]});
     means.insert(means.end(), {mean1[0], mean2[0], mean2[1]});
     vars.insert(vars.end(), {var1[0], var2[0], var2[1]});

@@ -89,8 +89,8 @@ struct ResMLPTrainStep : torch::CustomClassHolder {
   // kd_len for KD; mix_labels, mix_ce_offset, mix_ce_len and mix_weight (a 0-dim tensor) all
   // four or none, for mixed inputs (see StepLoss). A missing one raises a ValueError naming it,
   // an unknown key too. seeds: one dropout seed per block; first_model: model k draws the
-  // dropout masks of model first_model + k. momentum: the BatchNorm running-statistics momentum of this step.
-  // adamw: (lr, beta1, beta2, weight_decay, eps); step_count: the AdamW step being taken (1 for
+  // dropout masks of model first_model + k. momentum: the BatchNorm running-statistics momentum
+  // of this step. adamw: (lr, beta1, beta2, weight_decay, eps); step_count: the AdamW step being taken (1 for
   // the first). Updates the parameters, moments, running statistics and batch counters in place
   // and returns the loss (a 0-dim tensor, detached). Every check runs before the first write.
   at::Tensor step(at::Tensor x, c10::Dict<std::string, at::Tensor> batch, c10::intrusive_ptr<StepLoss> loss,
